@@ -100,7 +100,8 @@ def make_parser():
     parser = Parser((ModelArgs, DataArgs, EvalArgs, SFTConfig), allow_abbrev=False)
     parser.set_defaults(  # project defaults for TRL fields; config.yaml and flags still override them
         output_dir="runs/tinyvla", eval_strategy="epoch", save_strategy="epoch", logging_steps=10, report_to="none",
-        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
+        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
+        bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())  # so CPU-only machines just work
     return parser
 
 
@@ -108,7 +109,7 @@ def parse_args(argv=None):
     """defaults < --config yaml < CLI; then type checks and the derived values, computed once here."""
     try:
         margs, dargs, eargs, targs = make_parser().parse_args_and_config(argv)
-    except ValueError as e:  # TrlParser raises this for unknown yaml keys
+    except (ValueError, OSError) as e:  # TrlParser: unknown yaml keys, a missing or malformed config file
         raise TinyVLAError(str(e).split(". Please")[0]) from None
     for args in (margs, dargs, eargs):
         for f in fields(args):
@@ -173,7 +174,11 @@ def load_lerobot(repo_id, keys):
     root = Path(repo_id)
     if not root.exists():
         from huggingface_hub import snapshot_download
-        root = Path(snapshot_download(repo_id, repo_type="dataset"))
+        try:
+            root = Path(snapshot_download(repo_id, repo_type="dataset"))
+        except Exception as err:  # offline, unknown id, no access...
+            raise TinyVLAError(f"dataset {repo_id!r} is not a local dir and could not be downloaded "
+                               f"({type(err).__name__}); check --repo_id") from None
     if not (root / "meta/info.json").exists():
         raise TinyVLAError(f"{root} is not a LeRobot dataset (no meta/info.json); check --repo_id")
     info = json.loads((root / "meta/info.json").read_text())
@@ -242,7 +247,7 @@ def prepare_images(images, d, train=False):
     import torchvision.transforms.v2.functional as F
     out = []
     for img in images:
-        img = torch.as_tensor(np.asarray(img)).permute(2, 0, 1)
+        img = torch.from_numpy(np.array(img)).permute(2, 0, 1)
         h, w = img.shape[1:]
         ch, cw = int(h * d.crop_ratio), int(w * d.crop_ratio)
         top, left = (random.randint(0, h - ch), random.randint(0, w - cw)) if train else ((h - ch) // 2, (w - cw) // 2)
@@ -357,8 +362,11 @@ class Collator:
 # ----------------------------------------------------------------------------- model + trainer
 def load_model(model_id, m, d, device=None):
     dtype = getattr(torch, m.dtype)
-    processor = AutoProcessor.from_pretrained(model_id, size={"shortest_edge": image_pixels(d),
-                                                              "longest_edge": image_pixels(d)})
+    try:
+        processor = AutoProcessor.from_pretrained(model_id, size={"shortest_edge": image_pixels(d),
+                                                                  "longest_edge": image_pixels(d)})
+    except OSError as err:
+        raise TinyVLAError(f"cannot load model {model_id!r} ({str(err).splitlines()[0]}); check --model_id") from None
     adapter = Path(model_id, "adapter_config.json")
     base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else model_id
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, attn_implementation=m.attn_implementation)

@@ -1,0 +1,179 @@
+"""Unit tests: action text, digit masking, images, dataset layouts, splits, suite filtering, collator labels."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import QWEN_DIR, needs_shared
+
+import tiny
+import tinyvla
+
+
+def data_args(repo, **kw):
+    d = tinyvla.DataArgs(repo_id=str(repo), **kw)
+    if repo is not None and "v3" in str(repo) and "image_keys" not in kw:
+        d.image_keys, d.action_key = ["observation.images.image", "observation.images.image2"], "action"
+    return d
+
+
+def test_action_text_round_trip_within_half_a_bin():
+    rng = np.random.default_rng(0)
+    lo, hi = np.array([-1.0] * 6 + [-1.0]), np.array([1.0] * 6 + [1.0])
+    lo[3:6], hi[3:6] = -0.3, 0.4
+    actions = rng.uniform(lo, hi, (8, 7))
+    text = tinyvla.actions_to_text(actions, lo, hi, 1000)
+    assert len(text.split()) == 56 and all(0 <= int(v) <= 1000 for v in text.split())
+    back = tinyvla.text_to_actions(text, lo, hi, 1000, 8)
+    assert np.all(np.abs(back - actions) <= (hi - lo) / 1000 / 2 + 1e-12)
+    # out-of-range actions clip to the ends; malformed text does not parse
+    assert tinyvla.actions_to_text(np.array([[5.0] * 7]), lo, hi, 1000) == " ".join(["1000"] * 7)
+    assert tinyvla.text_to_actions("1 2 x", lo, hi, 1000, 1) is None
+    assert tinyvla.text_to_actions(" ".join(["5"] * 55), lo, hi, 1000, 8) is None
+    assert tinyvla.text_to_actions(" ".join(["1001"] * 56), lo, hi, 1000, 8) is None
+
+
+def test_digit_masking_touches_only_digits():
+    text = "512 0 1000 77 3 999 12"
+    rng, n_unmasked, fractions = random.Random(0), 0, []
+    for _ in range(500):
+        masked = tinyvla.mask_digits(text, 0.4, rng)
+        assert len(masked) == len(text)
+        assert [i for i, c in enumerate(masked) if c == " "] == [i for i, c in enumerate(text) if c == " "]
+        assert all(m == t or (m == "?" and t.isdigit()) for m, t in zip(masked, text))
+        n_unmasked += masked == text
+        fractions.append(masked.count("?") / sum(c.isdigit() for c in text))
+    assert max(fractions) <= 0.4 and max(fractions) > 0.2  # U(0, pct) of the digits
+    assert 0.05 < n_unmasked / 500 < 0.3  # 10% never masked, plus draws that round down to zero digits
+    assert tinyvla.mask_digits(text, 0.0, rng) == text
+
+
+@pytest.mark.parametrize("tile", [True, False])
+def test_image_shapes(tile):
+    d = tinyvla.DataArgs(tile_images=tile)
+    frames = [np.random.randint(0, 255, (256, 256, 3), np.uint8) for _ in range(2)]
+    for train in (True, False):
+        out = tinyvla.prepare_images(frames, d, train=train)
+        assert [tuple(x.shape) for x in out] == ([(3, 224, 448)] if tile else [(3, 224, 224)] * 2)
+        assert out[0].dtype == torch.uint8
+    # eval is deterministic: a centre crop, no jitter; the left half of the tile is the agent view
+    a, b = tinyvla.prepare_images(frames, d), tinyvla.prepare_images(frames, d)
+    assert torch.equal(a[0], b[0])
+    single = tinyvla.prepare_images(frames[:1], tinyvla.DataArgs(tile_images=False))[0]
+    assert torch.equal(a[0][:, :, :224], single)
+
+
+@pytest.mark.parametrize("layout", ["v2", "v3"])
+def test_dataset_layouts_split_and_chunks(layout, dataset_v2, dataset_v3):
+    repo = dataset_v2 if layout == "v2" else dataset_v3
+    d = data_args(repo, horizon=8, val_ratio=0.25)
+    train, val, stats = tinyvla.build_datasets(d, seed=0)
+    # whole episodes: no episode in both splits; every frame is in exactly one split
+    ep_of = lambda ds: {int(ds.ep_end[r]) for r in ds.rows}
+    assert not ep_of(train) & ep_of(val)
+    assert len(train) + len(val) == len(train.actions)
+    assert len(ep_of(val)) == 2  # 0.25 of 8 episodes
+    # the chunk is the next H actions, the last one repeated past the episode's end
+    last = train.rows[np.argmax(train.ep_end[train.rows])]  # some row; find the final frame of its episode
+    end_row = train.ep_end[last] - 1
+    i = int(np.flatnonzero(train.rows == end_row)[0])
+    assert np.allclose(train.chunk(i), np.repeat(train.actions[end_row][None], 8, 0))
+    i = int(np.flatnonzero(train.rows == end_row - 2)[0])
+    assert np.allclose(train.chunk(i)[:3], train.actions[end_row - 2:end_row + 1])
+    assert np.allclose(train.chunk(i)[3:], train.actions[end_row])
+    # bounds come from the train split only
+    assert np.allclose(stats["global"]["lo"], train.actions[train.rows].min(0))
+    sample = val[0]
+    assert set(sample) == {"images", "task", "answer"} and sample["task"] in tiny.TASKS
+    assert "?" not in sample["answer"] and len(sample["answer"].split()) == 56
+    assert tuple(sample["images"][0].shape) == (3, 224, 448)
+
+
+def test_per_task_bounds_and_unseen_task_falls_back(dataset_v2, capsys):
+    d = data_args(dataset_v2, action_norm="per_task")
+    train, _, stats = tinyvla.build_datasets(d, seed=0)
+    task = tiny.TASKS[0]
+    rows = train.rows[train.tasks[train.rows] == task]
+    assert np.allclose(stats["per_task"][task]["hi"], train.actions[rows].max(0))
+    lo, hi = tinyvla.bounds_for(stats, "per_task", "an instruction never seen")
+    assert np.allclose(lo, stats["global"]["lo"]) and "unseen" in capsys.readouterr().err
+
+
+def test_train_suite_keeps_only_that_suites_episodes(dataset_v2):
+    train, val, _ = tinyvla.build_datasets(data_args(dataset_v2, train_suite="libero_object", val_ratio=0.25), 0)
+    tasks = set(train.tasks[train.rows]) | set(val.tasks[val.rows])
+    assert tasks == set(tiny.TASKS[:2])  # the two libero_object tasks of the fixture
+    assert tinyvla.suite_tasks("libero_spatial") >= set(tiny.TASKS[2:])
+    assert len(tinyvla.suite_tasks("libero_10")) == 10
+
+
+def test_missing_feature_or_dataset_is_one_clear_error(dataset_v2, tmp_path):
+    with pytest.raises(tinyvla.TinyVLAError, match=r"no feature \['nope'\].*it has .*wrist_image.*--image_keys"):
+        tinyvla.build_datasets(data_args(dataset_v2, image_keys=["image", "nope"]), 0)
+    with pytest.raises(tinyvla.TinyVLAError, match="not a LeRobot dataset"):
+        tinyvla.build_datasets(data_args(tmp_path), 0)
+
+
+# ----------------------------------------------------------------------------- collator
+def _collate(processor, d, samples, side):
+    return tinyvla.Collator(processor, d, 7, padding_side=side)(samples)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_supervised_tokens_are_exactly_the_answer_and_end(side, tiny_model):
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    d = tinyvla.DataArgs(horizon=2)
+    frames = [np.zeros((64, 64, 3), np.uint8)] * 2
+    answers = ["1 20 300 1000 0 5 6 7 8 9 10 11 12 13", "999 0 0 0 1 2 3 4 5 6 7 8 9 100"]
+    tasks = ["pick up the alphabet soup and place it in the basket", "open it"]  # different prompt lengths
+    samples = [{"images": tinyvla.prepare_images(frames, d), "task": t, "answer": a} for t, a in zip(tasks, answers)]
+    batch = _collate(processor, d, samples, side)
+    tok = processor.tokenizer
+    for i, answer in enumerate(answers):
+        labels = batch["labels"][i]
+        assert tok.decode(labels[labels != -100]) == answer + "<|im_end|>"
+        # supervised positions hold the same ids as the input, and every one is attended to
+        sup = labels != -100
+        assert torch.equal(batch["input_ids"][i][sup], labels[sup]) and batch["attention_mask"][i][sup].all()
+    pad_col = 0 if side == "left" else -1
+    assert (batch["attention_mask"][:, pad_col] == 0).any()  # one row is padded, on the chosen side
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert ((batch["input_ids"] == image_id).sum(1) == 128).all()  # tiled 448x224 at 224*224*2 pixels
+    assert batch["pixel_values"].shape[0] == 2 * 512 and batch["image_grid_thw"].tolist() == [[1, 16, 32]] * 2
+
+
+def test_masked_digits_are_input_but_never_supervised(tiny_model):
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    d = tinyvla.DataArgs(horizon=1, tile_images=False)
+    sample = {"images": tinyvla.prepare_images([np.zeros((64, 64, 3), np.uint8)] * 2, d), "task": "go",
+              "answer": "1?3 4?? 0 1000 ?7 8 ?"}
+    batch = _collate(processor, d, [sample], "right")
+    tok, labels, ids = processor.tokenizer, batch["labels"][0], batch["input_ids"][0]
+    q = tok.convert_tokens_to_ids(tok.tokenize("?"))[0]
+    assert (ids == q).sum() == 5 and not (labels == q).any()
+    assert tok.decode(labels[labels != -100]) == "13 4 0 1000 7 8 <|im_end|>"
+    # two untiled 224x224 images give 64 vision tokens each
+    assert (ids == tok.convert_tokens_to_ids("<|image_pad|>")).sum() == 128
+
+
+@needs_shared
+def test_real_qwen_tokenizer_ids_and_sample_length():
+    from transformers import AutoProcessor
+    d = tinyvla.DataArgs()
+    processor = AutoProcessor.from_pretrained(QWEN_DIR, size={"shortest_edge": tinyvla.image_pixels(d),
+                                                              "longest_edge": tinyvla.image_pixels(d)})
+    tok = processor.tokenizer
+    assert [tinyvla.single_token_id(tok, str(i)) for i in range(10)] == list(range(15, 25))
+    assert tinyvla.single_token_id(tok, " ") == 220 and tok.convert_tokens_to_ids("<|im_end|>") == 151645
+    rng = np.random.default_rng(0)
+    answer = " ".join(str(v) for v in rng.integers(0, 1001, 56))
+    sample = {"images": tinyvla.prepare_images([rng.integers(0, 255, (256, 256, 3), np.uint8)] * 2, d),
+              "task": "pick up the black bowl between the plate and the ramekin and place it on the plate",
+              "answer": answer}
+    batch = _collate(processor, d, [sample], "right")
+    labels = batch["labels"][0]
+    assert tok.decode(labels[labels != -100]) == answer + "<|im_end|>"
+    assert (batch["input_ids"][0] == tok.convert_tokens_to_ids("<|image_pad|>")).sum() == 128
+    assert 400 <= batch["input_ids"].shape[1] <= 470  # about 433 tokens per sample
