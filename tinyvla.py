@@ -443,8 +443,9 @@ class ActionGrammar(LogitsProcessor):
             done.logical_or_(last == self.end)
         value, length, count, done = self.state
         ended = length > 0
-        digit_ok = ((length == 0)[:, None] | ((value > 0)[:, None] & (value[:, None] * 10 + torch.arange(
-            10, device=dev) <= self.max_value))) & (done == 0)[:, None]
+        # a digit may start a number or extend a non-zero one ("0" ends at once), while the value stays in range
+        digit_ok = (((length == 0) | (value > 0)) & (done == 0))[:, None] & (
+            value[:, None] * 10 + torch.arange(10, device=dev) <= self.max_value)
         space_ok = ended & (count < self.n - 1) & (done == 0)
         end_ok = (ended & (count == self.n - 1)) | (done > 0)
         allowed = torch.cat([digit_ok, space_ok[:, None], end_ok[:, None]], 1)
@@ -617,6 +618,7 @@ def evaluate_libero(ckpt, e, policy=None):
     import multiprocessing as mp
     import time
     from tqdm import tqdm
+    policy = policy or Policy(ckpt)  # first: a bad checkpoint fails before anything is written
     assets = setup_libero(e.libero_assets)
     out_dir = Path(e.eval_dir or Path(ckpt) / "libero_eval")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -624,7 +626,6 @@ def evaluate_libero(ckpt, e, policy=None):
     results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     finished = {(r["suite"], r["task_id"], r["episode"]) for r in results}
     pending = deque(ep for ep in episode_list(e) if ep[:2] + ep[3:4] not in finished)
-    policy = policy or Policy(ckpt)
     ctx = mp.get_context("spawn")
     n_envs = max(1, min(e.num_envs, len(pending)))
     conns, procs = [], []

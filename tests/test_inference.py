@@ -1,0 +1,176 @@
+"""Constrained decoding, the batched policy, action ensembling and generation metrics."""
+import numpy as np
+import pytest
+import torch
+from conftest import QWEN_DIR, needs_shared
+
+import tinyvla
+
+END = "<|im_end|>"
+
+
+def reference_allowed(text, n, max_value):
+    """Slow, obviously-correct grammar: the characters that may follow `text`."""
+    if text.endswith(END):
+        return {END}
+    parts = text.split(" ")
+    current, allowed = parts[-1], set()
+    for digit in "0123456789":
+        candidate = current + digit
+        if (len(candidate) == 1 or candidate[0] != "0") and int(candidate) <= max_value:
+            allowed.add(digit)
+    if current:
+        allowed.add(" " if len(parts) - 1 < n - 1 else END)
+    return allowed
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.mark.parametrize("seed, batch, n, max_value", [(0, 1, 56, 1000), (1, 7, 14, 1000), (2, 16, 5, 1000),
+                                                       (3, 4, 9, 7), (4, 3, 3, 999999)])
+def test_grammar_matches_reference_on_random_logits(tokenizer, seed, batch, n, max_value):
+    g = torch.Generator().manual_seed(seed)
+    proc = tinyvla.ActionGrammar(tokenizer, n, max_value)
+    vocab = len(tokenizer)
+    ids = torch.randint(0, vocab, (batch, 5), generator=g)  # a fake prompt
+    texts = [""] * batch
+    for _ in range(tinyvla.max_answer_tokens(n) if max_value <= 1000 else 8 * n):
+        scores = torch.randn(batch, vocab, generator=g) * 5
+        scores[:, tokenizer.convert_tokens_to_ids(END)] -= 3  # let some rows run long
+        out = proc(ids, scores)
+        for b in range(batch):
+            allowed = {tokenizer.decode([i]) for i in torch.nonzero(out[b] > -torch.inf).flatten().tolist()}
+            assert allowed == reference_allowed(texts[b], n, max_value), texts[b]
+        # sample among the allowed tokens, so every branch of the grammar gets exercised
+        nxt = torch.multinomial(torch.softmax(out, -1), 1, generator=g)
+        texts = [t if t.endswith(END) else t + tokenizer.decode(i) for t, i in zip(texts, nxt.flatten().tolist())]
+        ids = torch.cat([ids, nxt], 1)
+        if all(t.endswith(END) for t in texts):
+            break
+    for t in texts:
+        assert t.endswith(END)
+        values = t[: -len(END)].split(" ")
+        assert len(values) == n and all(v.isdigit() and 0 <= int(v) <= max_value for v in values)
+        assert all(v == "0" or not v.startswith("0") for v in values)
+
+
+def test_max_answer_tokens_is_tight():
+    worst = " ".join(["1000"] * 56)
+    assert tinyvla.max_answer_tokens(56) == len(worst) + 1 == 280
+
+
+@needs_shared
+def test_real_vocab_allowed_sets():
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(QWEN_DIR)
+    proc = tinyvla.ActionGrammar(tok, 56, 1000)
+    assert sorted(proc.allowed_ids.tolist()) == list(range(15, 25)) + [220, 151645]
+    out = proc(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 151936))
+    assert torch.nonzero(out[0] > -torch.inf).flatten().tolist() == list(range(15, 25))  # a number starts
+
+
+def test_ensembling_by_hand():
+    ens = tinyvla.ActionEnsembler(window=2)
+    a = np.arange(4)[:, None] * np.ones((4, 2))  # chunk from t=0: 0,1,2,3
+    b = 10 + np.arange(4)[:, None] * np.ones((4, 2))  # chunk from t=1: 10,11,12,13
+    c = 100 + np.arange(4)[:, None] * np.ones((4, 2))  # chunk from t=2
+    ens.add(0, a)
+    assert np.allclose(ens.act(0), 0)  # episode start: one chunk
+    ens.add(1, b)
+    assert np.allclose(ens.act(1), (1 + 10) / 2)
+    ens.add(2, c)  # window 2: chunk a is dropped
+    assert np.allclose(ens.act(2), (11 + 100) / 2)
+    exp = tinyvla.ActionEnsembler(window=3, weighting="exp", decay=0.5)
+    exp.add(0, a), exp.add(1, b)
+    w = np.exp(-0.5 * np.array([1, 0]))
+    assert np.allclose(exp.act(1), (w[0] * 1 + w[1] * 10) / w.sum())
+
+
+def test_ensembling_with_action_horizon_equal_to_horizon():
+    """Chunks never overlap: each step executes its own chunk's action, in order (no silent no-op)."""
+    ens, executed = tinyvla.ActionEnsembler(window=10), []
+    for t in range(8):
+        if t % 4 == 0:
+            ens.add(t, np.arange(t, t + 4)[:, None] * np.ones((4, 7)))
+        executed.append(ens.act(t)[0])
+    assert executed == list(range(8))
+    with pytest.raises(ValueError):
+        tinyvla.ActionEnsembler(window=10).act(0)
+
+
+def test_protocol_helpers():
+    assert tinyvla.binarize_gripper([0.1] * 6 + [0.3])[-1] == 1 and tinyvla.binarize_gripper([0] * 7)[-1] == -1
+    assert tinyvla.binarize_gripper([0.5] * 6 + [-0.2]).tolist() == [0.5] * 6 + [-1]
+    img = np.arange(2 * 3 * 3).reshape(2, 3, 3)
+    assert np.array_equal(tinyvla.flip(img), img[::-1, ::-1]) and tinyvla.flip(img)[0, 0, 0] == img[-1, -1, 0]
+    eps = list(range(10))
+    assert sorted(sum((tinyvla.shard(eps, i, 3) for i in range(3)), [])) == eps
+    assert tinyvla.SUITE_MAX_STEPS == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300,
+                                       "libero_10": 520, "libero_90": 400}
+    assert tinyvla.WAIT_STEPS == 10 and tinyvla.WAIT_ACTION == [0] * 6 + [-1] and tinyvla.ENV_SEED == 7
+
+
+@pytest.fixture(scope="module")
+def policy(trained_run):
+    return tinyvla.Policy(trained_run[0] / "final", device="cpu")
+
+
+def _observations(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[rng.integers(0, 255, (256, 256, 3), np.uint8) for _ in range(2)] for _ in range(n)]
+
+
+def test_batched_and_single_predictions_agree(policy):
+    import tiny
+    obs, tasks = _observations(3), tiny.TASKS[:3]
+    batched = policy(obs, tasks)
+    single = np.concatenate([policy([o], [t]) for o, t in zip(obs, tasks)])
+    assert batched.shape == (3, 8, 7) and np.allclose(batched, single, atol=1e-6)
+    lo, hi = np.array(policy.stats["global"]["lo"]), np.array(policy.stats["global"]["hi"])
+    assert np.all(batched >= lo - 1e-9) and np.all(batched <= hi + 1e-9) and policy.parse_failures == 0
+
+
+def test_generate_is_plain_constrained_greedy(policy):
+    """generate() equals a hand-written greedy loop over the same grammar: the checkpoint's sampling and
+    repetition penalty (1.05 in the saved generation_config) are not applied."""
+    import json
+    import tiny
+    saved = json.loads((tinyvla.Path(policy.m.model_id) / "generation_config.json").read_text())
+    assert saved["repetition_penalty"] == 1.05 and saved["do_sample"]
+    obs = [tinyvla.prepare_images(o, policy.d) for o in _observations(1, seed=3)]
+    model, col = policy.model, policy.collator
+    inputs = col.prompts([{"images": obs[0], "task": tiny.TASKS[0]}])
+    n = 8 * 7
+    grammar, ids, cache, generated = tinyvla.ActionGrammar(col.processor.tokenizer, n, 1000), inputs["input_ids"], None, []
+    with torch.no_grad():
+        full = dict(inputs)
+        for _ in range(tinyvla.max_answer_tokens(n)):
+            logits = model(**full).logits[:, -1]
+            nxt = grammar(ids, logits).argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+            generated.append(int(nxt))
+            if generated[-1] == col.end_id:
+                break
+            full = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(generated),
+                                                                                          dtype=torch.long)], 1)}
+    text = col.processor.tokenizer.decode(generated, skip_special_tokens=True)
+    lo, hi = tinyvla.bounds_for(policy.stats, "global", tiny.TASKS[0])
+    manual = tinyvla.text_to_actions(text, lo, hi, 1000, 8)
+    pred, ok = tinyvla.predict(model, col, policy.stats, obs, [tiny.TASKS[0]])
+    assert ok.all() and np.allclose(pred[0], manual)
+
+
+def test_generation_metrics_logged(trained_run):
+    _, trainer = trained_run
+    logs = [h for h in trainer.state.log_history if "val/parse_rate" in h]
+    assert logs, trainer.state.log_history
+    keys = {"val/mse", "val/mae", "val/parse_rate", *(f"val/dim{i}_mae" for i in range(7))}
+    assert keys <= set(logs[-1]) and logs[-1]["val/parse_rate"] == 1.0
+    assert logs[-1]["val/mae"] == pytest.approx(np.mean([logs[-1][f"val/dim{i}_mae"] for i in range(7)]))
+    out = trained_run[0]
+    assert (out / "best" / tinyvla.ACTION_STATS).exists() and (out / "checkpoint-2" / tinyvla.RUN_CONFIG).exists()
