@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor
+from transformers import (AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor,
+                          TrainerCallback)
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 # ----------------------------------------------------------------------------- config
@@ -89,6 +90,8 @@ class EvalArgs:
     eval_after_train_episodes: int = field(default=5, metadata={"help": "Episodes per task after training."})
     gen_eval_every: int = field(default=1, metadata={"help": "Generation metrics every N evaluations (0: off)."})
     gen_eval_samples: int = field(default=30, metadata={"help": "Val samples decoded for generation metrics."})
+    eval_max_batches: int = field(default=0, metadata={"help": "Val loss on this many batches (0: all of val)."})
+    save_every_epochs: int = field(default=1, metadata={"help": "With save_strategy epoch: every N epochs."})
 
 
 class Parser(TrlParser):
@@ -129,6 +132,8 @@ def parse_args(argv=None):
         raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
     if not 0 <= dargs.action_mask_aug_pct < 1 or not 0 <= dargs.val_ratio < 1:
         raise TinyVLAError("action_mask_aug_pct and val_ratio must be in [0, 1)")
+    if eargs.save_every_epochs < 1 or eargs.eval_max_batches < 0:
+        raise TinyVLAError("save_every_epochs must be >= 1 and eval_max_batches >= 0")
     if not 0 <= eargs.shard_id < eargs.num_shards:
         raise TinyVLAError(f"shard_id must be in 0..{eargs.num_shards - 1}")
     if dargs.val_ratio == 0:
@@ -278,11 +283,12 @@ class VLADataset(torch.utils.data.Dataset):
         images = prepare_images([np.asarray(row[k]) for k in self.d.image_keys[:2]], self.d, self.train)
         return {"images": images, "task": task, "answer": answer}
 
-    def as_hf(self):
-        """The same samples as a datasets.Dataset (what SFTTrainer takes), built on access by a transform."""
+    def as_hf(self, limit=0):
+        """The samples (or `limit` evenly spaced ones) as a datasets.Dataset, built on access by a transform."""
         import datasets
         to_columns = lambda samples: {k: [s[k] for s in samples] for k in ("images", "task", "answer")}
-        return datasets.Dataset.from_dict({"i": range(len(self))}).with_transform(
+        index = np.linspace(0, len(self) - 1, limit).astype(int) if 0 < limit < len(self) else range(len(self))
+        return datasets.Dataset.from_dict({"i": index}).with_transform(
             lambda batch: to_columns([self[i] for i in batch["i"]]))
 
 
@@ -376,13 +382,26 @@ def load_model(model_id, m, d, device=None):
     return (model.to(device) if device else model), processor
 
 
+class SaveEveryEpochs(TrainerCallback):
+    """save_strategy "epoch" saves every epoch; keep only every n-th (runs after TRL's DefaultFlowCallback)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if args.save_strategy == "epoch" and round(state.epoch) % self.n:
+            control.should_save = False
+
+
 class VLATrainer(SFTTrainer):
     """SFTTrainer + the run config and action stats in every checkpoint, generation metrics, and a best model."""
 
     def __init__(self, *args, train_set, val_set, run_config, stats, collator, **kwargs):
-        super().__init__(*args, train_dataset=train_set.as_hf(), eval_dataset=val_set and val_set.as_hf(),
-                         data_collator=collator, **kwargs)
+        e = run_config["eval"]
+        val = val_set and val_set.as_hf(e["eval_max_batches"] * kwargs["args"].per_device_eval_batch_size)
+        super().__init__(*args, train_dataset=train_set.as_hf(), eval_dataset=val, data_collator=collator, **kwargs)
         self.val_set, self.run_config, self.stats, self.n_evals, self.best_loss = val_set, run_config, stats, 0, math.inf
+        self.add_callback(SaveEveryEpochs(e["save_every_epochs"]))
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)

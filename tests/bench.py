@@ -1,0 +1,160 @@
+"""Benchmarks (run by hand, not collected by pytest). Prints numbers; asserts nothing.
+
+    python tests/bench.py data              # data pipeline: samples/s for one DataLoader worker (CPU)
+    python tests/bench.py generate          # constrained vs free decoding; per-observation time at batch 1/8/32
+    python tests/bench.py train [--real]    # training step: samples/s, tokens/s, peak memory, MFU estimate
+--real uses the real Qwen2.5-VL-3B architecture from ../shared/assets (random weights, bf16; for a GPU).
+"""
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import tiny  # noqa: E402
+import tinyvla  # noqa: E402
+
+TMP = Path(tempfile.mkdtemp(prefix="tinyvla-bench-"))
+REAL = Path(__file__).resolve().parents[2] / "shared/assets/qwen2.5-vl-3b-instruct"
+
+
+def model_dir(real):
+    if not real:
+        return tiny.make_model_dir(TMP / "model")
+    import json
+    import shutil
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+    out = TMP / "qwen3b"
+    shutil.copytree(REAL, out)
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out), dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    return out
+
+
+def bench_data(n=300):
+    data = tiny.make_dataset(TMP / "data256", episodes=6, length=(60, 60), size=256)
+    train, _, stats = tinyvla.build_datasets(tinyvla.DataArgs(repo_id=str(data)), seed=0)
+    from transformers import AutoProcessor
+    d = train.d
+    processor = AutoProcessor.from_pretrained(tiny.make_model_dir(TMP / "m"), size={
+        "shortest_edge": tinyvla.image_pixels(d), "longest_edge": tinyvla.image_pixels(d)})
+    collate = tinyvla.Collator(processor, d, 7)
+    for i in range(10):
+        train[i]  # warm up
+    t = time.perf_counter()
+    samples = [train[i % len(train)] for i in range(n)]
+    t_sample = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(0, n, 8):
+        collate(samples[i:i + 8])
+    t_collate = time.perf_counter() - t
+    print(f"data pipeline, 1 worker, 256x256 PNG x2 -> crop/resize/jitter/tile -> tokens ({n} samples):")
+    print(f"  sample (decode+augment+text): {n / t_sample:7.1f} samples/s")
+    print(f"  collate (processor+labels):   {n / t_collate:7.1f} samples/s")
+    print(f"  end to end per worker:        {n / (t_sample + t_collate):7.1f} samples/s")
+
+
+def bench_generate(real=False):
+    device = "cuda" if real else "cpu"
+    mdir = model_dir(real)
+    d = tinyvla.DataArgs()
+    m = tinyvla.ModelArgs(model_id=str(mdir), dtype="bfloat16" if real else "float32")
+    model, processor = tinyvla.load_model(str(mdir), m, d, device)
+    model.eval()
+    stats = {"global": {"lo": [-1.0] * 7, "hi": [1.0] * 7}, "per_task": {}}
+    col = tinyvla.Collator(processor, d, 7)
+    rng = np.random.default_rng(0)
+    obs = lambda b: [tinyvla.prepare_images([rng.integers(0, 255, (256, 256, 3), np.uint8)] * 2, d) for _ in range(b)]
+    tasks = lambda b: [tiny.TASKS[i % 4] for i in range(b)]
+    sync = torch.cuda.synchronize if real else (lambda: None)
+
+    def timed(fn, reps):
+        fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return (time.perf_counter() - t) / reps
+
+    # same number of tokens both ways: free decoding with EOS disabled, forced to the grammar's length
+    n_tok = tinyvla.max_answer_tokens(56)
+    inputs = col.prompts([{"images": o, "task": t} for o, t in zip(obs(1), tasks(1))]).to(device)
+    from transformers import GenerationConfig
+    free = GenerationConfig(max_new_tokens=n_tok, min_new_tokens=n_tok, do_sample=False, eos_token_id=col.end_id,
+                            pad_token_id=col.pad_id)
+    grammar = lambda: [tinyvla.ActionGrammar(processor.tokenizer, 10**6, 10**9)]  # never ends early: same length
+    t_free = timed(lambda: model.generate(**inputs, generation_config=free), 3)
+    t_con = timed(lambda: model.generate(**inputs, generation_config=free, logits_processor=grammar()), 3)
+    print(f"{'real 3B (bf16, ' + device + ')' if real else 'tiny model (CPU)'}: {n_tok} new tokens at batch 1")
+    print(f"  unconstrained {t_free * 1e3:8.1f} ms   constrained {t_con * 1e3:8.1f} ms   "
+          f"overhead {100 * (t_con / t_free - 1):+.1f}%")
+    print("  batch | s per call | ms per observation | observations/s  (full predict: preprocess+generate+parse)")
+    for b in (1, 8, 32) + ((64,) if real else ()):
+        o, tk = obs(b), tasks(b)
+        t = timed(lambda: tinyvla.predict(model, col, stats, o, tk), 2)
+        print(f"  {b:5d} | {t:10.3f} | {1e3 * t / b:18.1f} | {b / t:14.1f}")
+
+
+def bench_train(real=False, steps=5):
+    device = "cuda" if real else "cpu"
+    mdir = model_dir(real)
+    data = tiny.make_dataset(TMP / "data", episodes=6, length=(60, 60), size=256)
+    print(f"{'real Qwen2.5-VL-3B, bf16, ' + device if real else 'tiny model, fp32, CPU (ratios only)'}")
+    print("  mode   | batch | samples/s | tokens/s | peak mem GiB | MFU")
+    for lora in (False, True):
+        for batch in ((8, 16, 32) if real else (4,)):
+            argv = ["--model_id", str(mdir), "--repo_id", str(data), "--output_dir", str(TMP / f"run{lora}{batch}"),
+                    "--dtype", "bfloat16" if real else "float32", "--use_lora", str(lora), "--max_steps",
+                    str(steps + 2), "--per_device_train_batch_size", str(batch), "--eval_strategy", "no",
+                    "--save_strategy", "no", "--logging_steps", "1", "--dataloader_num_workers", "4" if real else "0",
+                    "--bf16", str(real), "--use_cpu", str(not real)]
+            m, d, e, t = tinyvla.parse_args(argv)
+            train, _, stats = tinyvla.build_datasets(d, 0)
+            model, processor = tinyvla.load_model(m.model_id, m, d)
+            col = tinyvla.Collator(processor, d, 7)
+            from peft import LoraConfig
+            peft = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, target_modules=tinyvla.LORA_TARGETS) if lora else None
+            run = {"model": vars(m), "data": vars(d), "eval": vars(e), "train": {}}
+            trainer = tinyvla.VLATrainer(model=model, args=t, train_set=train, val_set=None, processing_class=processor,
+                                         peft_config=peft, run_config=run, stats=stats, collator=col)
+            times, tokens = [], []
+
+            class Clock(tinyvla.TrainerCallback):
+                def on_step_begin(self, *a, **k):
+                    if real:
+                        torch.cuda.synchronize()
+                    self.t = time.perf_counter()
+
+                def on_step_end(self, *a, **k):
+                    if real:
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - self.t)
+
+            trainer.add_callback(Clock())
+            if real:
+                torch.cuda.reset_peak_memory_stats()
+            trainer.train()
+            step = float(np.median(times[2:]))
+            n_tok = col([train[i] for i in range(batch)])["input_ids"].numel()
+            params = sum(p.numel() for p in model.parameters())
+            # MFU: 6 * params * tokens per step (forward+backward, all weights incl. ViT over its patch tokens,
+            # approximated by the sequence tokens) / step time / peak bf16 FLOP/s (790 TFLOP/s on H200)
+            mfu = 6 * params * n_tok / step / 790e12 if real else float("nan")
+            mem = torch.cuda.max_memory_allocated() / 2**30 if real else float("nan")
+            print(f"  {'LoRA' if lora else 'full':6s} | {batch:5d} | {batch / step:9.2f} | {n_tok / step:8.0f} | "
+                  f"{mem:12.1f} | {mfu:.1%}")
+            del trainer, model
+
+
+if __name__ == "__main__":
+    what, real = sys.argv[1], "--real" in sys.argv
+    {"data": lambda: bench_data(), "generate": lambda: bench_generate(real), "train": lambda: bench_train(real)}[what]()
