@@ -438,38 +438,43 @@ class VLATrainer(SFTTrainer):
 # ----------------------------------------------------------------------------- decoding
 class ActionGrammar(LogitsProcessor):
     """Constrains generation to exactly `n` integers in 0..max_value (no leading zeros) separated by single
-    spaces, then the end token: every output parses. State per sequence lives on tensors."""
+    spaces, then the end token: every output parses. Table-driven, state per sequence on tensors: a few tensor
+    ops per step, whatever the batch or vocab size."""
 
     def __init__(self, tokenizer, n, max_value):
-        self.n, self.max_value, self.state = n, max_value, None
-        self.digits = torch.tensor([single_token_id(tokenizer, str(i)) for i in range(10)])
-        self.space, self.end = single_token_id(tokenizer, " "), tokenizer.convert_tokens_to_ids(END_TOKEN)
-        self.allowed_ids = torch.cat([self.digits, torch.tensor([self.space, self.end])])
+        self.n, self.state, self.count = n, None, None
+        digits = [single_token_id(tokenizer, str(i)) for i in range(10)]
+        self.ids = torch.tensor(digits + [single_token_id(tokenizer, " "), tokenizer.convert_tokens_to_ids(END_TOKEN)])
+        # token classes 0-9 digit, 10 space, 11 end, 12 anything else; states 0 = before a number,
+        # 1 + v = in a number whose value so far is v, done = max_value + 2
+        self.token_class = torch.full((max(len(tokenizer), int(self.ids.max()) + 1),), 12)
+        self.token_class[self.ids] = torch.arange(12)
+        done, states = max_value + 2, max_value + 3
+        v, d = torch.arange(-1, max_value + 1)[:, None], torch.arange(10)  # v = -1: before a number
+        value = v.clamp(min=0) * 10 + d
+        ok = ((v == -1) | (v > 0)) & (value <= max_value)  # no leading zero, stay in range
+        started = (v >= 0).flatten()  # a number has started: it may end with a space, or the end token if last
+        self.next_state = torch.arange(states)[:, None].repeat(1, 13)
+        self.next_state[:-1, :10] = torch.where(ok, value + 1, self.next_state[:-1, :10])
+        self.next_state[:-1, 10:12][started] = torch.tensor([0, done])
+        allow = torch.zeros(states, 2, 12, dtype=torch.bool)  # [state, is last number, token class]
+        allow[:-1, :, :10] = ok[:, None, :]
+        allow[:-1, 0, 10], allow[:-1, 1, 11] = started, started
+        allow[done, :, 11] = True
+        self.bias = torch.zeros(allow.shape).masked_fill(~allow, -math.inf)
 
     def __call__(self, input_ids, scores):
-        dev = scores.device
-        if self.state is None:  # first step: nothing generated yet (one processor per generate call)
-            self.state = torch.zeros(4, input_ids.shape[0], dtype=torch.long, device=dev)
-            self.digits, self.allowed_ids = self.digits.to(dev), self.allowed_ids.to(dev)
+        if self.state is None:  # first step (one processor per generate call): nothing generated yet
+            for name in ("ids", "token_class", "next_state", "bias"):
+                setattr(self, name, getattr(self, name).to(scores.device))
+            self.state = torch.zeros(len(input_ids), dtype=torch.long, device=scores.device)
+            self.count = torch.zeros_like(self.state)
         else:
-            last = input_ids[:, -1]
-            is_digit = last[:, None] == self.digits
-            value, length, count, done = self.state
-            digit, space = is_digit.any(1), last == self.space
-            value.copy_(torch.where(digit, value * 10 + is_digit.int().argmax(1), torch.where(space, 0, value)))
-            length.copy_(torch.where(digit, length + 1, torch.where(space, 0, length)))
-            count.add_(space.long())
-            done.logical_or_(last == self.end)
-        value, length, count, done = self.state
-        ended = length > 0
-        # a digit may start a number or extend a non-zero one ("0" ends at once), while the value stays in range
-        digit_ok = (((length == 0) | (value > 0)) & (done == 0))[:, None] & (
-            value[:, None] * 10 + torch.arange(10, device=dev) <= self.max_value)
-        space_ok = ended & (count < self.n - 1) & (done == 0)
-        end_ok = (ended & (count == self.n - 1)) | (done > 0)
-        allowed = torch.cat([digit_ok, space_ok[:, None], end_ok[:, None]], 1)
+            cls = self.token_class[input_ids[:, -1]]
+            self.state = self.next_state[self.state, cls]
+            self.count += cls == 10
         out = torch.full_like(scores, -math.inf)
-        out[:, self.allowed_ids] = scores[:, self.allowed_ids].masked_fill(~allowed, -math.inf)
+        out[:, self.ids] = scores[:, self.ids] + self.bias[self.state, (self.count >= self.n - 1).long()]
         return out
 
 

@@ -85,15 +85,19 @@ def bench_generate(real=False):
         sync()
         return (time.perf_counter() - t) / reps
 
-    # same number of tokens both ways: free decoding with EOS disabled, forced to the grammar's length
-    n_tok = tinyvla.max_answer_tokens(56)
+    # same number of new tokens both ways: the constrained answer's length, forced on free decoding
     inputs = col.prompts([{"images": o, "task": t} for o, t in zip(obs(1), tasks(1))]).to(device)
     from transformers import GenerationConfig
+    grammar = lambda: [tinyvla.ActionGrammar(processor.tokenizer, 56, d.num_bins)]
+    con = GenerationConfig(max_new_tokens=tinyvla.max_answer_tokens(56), do_sample=False, eos_token_id=col.end_id,
+                           pad_token_id=col.pad_id)
+    n_tok = model.generate(**inputs, generation_config=con, logits_processor=grammar()).shape[1] - \
+        inputs["input_ids"].shape[1]
     free = GenerationConfig(max_new_tokens=n_tok, min_new_tokens=n_tok, do_sample=False, eos_token_id=col.end_id,
                             pad_token_id=col.pad_id)
-    grammar = lambda: [tinyvla.ActionGrammar(processor.tokenizer, 10**6, 10**9)]  # never ends early: same length
-    t_free = timed(lambda: model.generate(**inputs, generation_config=free), 3)
-    t_con = timed(lambda: model.generate(**inputs, generation_config=free, logits_processor=grammar()), 3)
+    t_free = min(timed(lambda: model.generate(**inputs, generation_config=free), 3) for _ in range(3))
+    t_con = min(timed(lambda: model.generate(**inputs, generation_config=con, logits_processor=grammar()), 3)
+                for _ in range(3))
     print(f"{'real 3B (bf16, ' + device + ')' if real else 'tiny model (CPU)'}: {n_tok} new tokens at batch 1")
     print(f"  unconstrained {t_free * 1e3:8.1f} ms   constrained {t_con * 1e3:8.1f} ms   "
           f"overhead {100 * (t_con / t_free - 1):+.1f}%")

@@ -31,14 +31,14 @@ def tokenizer(tiny_model):
 
 
 @pytest.mark.parametrize("seed, batch, n, max_value", [(0, 1, 56, 1000), (1, 7, 14, 1000), (2, 16, 5, 1000),
-                                                       (3, 4, 9, 7), (4, 3, 3, 999999)])
+                                                       (3, 4, 9, 7), (4, 3, 3, 99999)])
 def test_grammar_matches_reference_on_random_logits(tokenizer, seed, batch, n, max_value):
     g = torch.Generator().manual_seed(seed)
     proc = tinyvla.ActionGrammar(tokenizer, n, max_value)
     vocab = len(tokenizer)
     ids = torch.randint(0, vocab, (batch, 5), generator=g)  # a fake prompt
     texts = [""] * batch
-    for _ in range(tinyvla.max_answer_tokens(n) if max_value <= 1000 else 8 * n):
+    for _ in range(tinyvla.max_answer_tokens(n) if max_value <= 1000 else 6 * n):
         scores = torch.randn(batch, vocab, generator=g) * 5
         scores[:, tokenizer.convert_tokens_to_ids(END)] -= 3  # let some rows run long
         out = proc(ids, scores)
@@ -68,7 +68,7 @@ def test_real_vocab_allowed_sets():
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(QWEN_DIR)
     proc = tinyvla.ActionGrammar(tok, 56, 1000)
-    assert sorted(proc.allowed_ids.tolist()) == list(range(15, 25)) + [220, 151645]
+    assert proc.ids.tolist() == list(range(15, 25)) + [220, 151645]
     out = proc(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 151936))
     assert torch.nonzero(out[0] > -torch.inf).flatten().tolist() == list(range(15, 25))  # a number starts
 
