@@ -10,6 +10,7 @@ import os
 import random
 import re
 import sys
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -214,7 +215,7 @@ def bounds_for(stats, norm, task):
     if norm == "per_task":
         if task in stats["per_task"]:
             return np.array(stats["per_task"][task]["lo"]), np.array(stats["per_task"][task]["hi"])
-        print(f"warning: task {task!r} unseen in training; using global action bounds", file=sys.stderr)
+        warnings.warn(f"task {task!r} unseen in training; using global action bounds")  # once per task
     return np.array(stats["global"]["lo"]), np.array(stats["global"]["hi"])
 
 
@@ -660,7 +661,7 @@ def evaluate_libero(ckpt, e, policy=None):
         conns.append(a)
     slots, obs = [None] * len(conns), [None] * len(conns)
     bar = tqdm(total=len(pending), desc=f"LIBERO {e.suite}", unit="ep")
-    env_steps, queries, t_start = 0, 0, time.time()
+    env_steps, queries = 0, 0
 
     def start(i):
         slots[i] = None
@@ -674,6 +675,7 @@ def evaluate_libero(ckpt, e, policy=None):
         start(i)
     for i in range(len(conns)):
         obs[i], _ = conns[i].recv()
+    t_start = time.time()  # the envs are built: from here on, steady-state throughput
     while any(slots):
         live = [i for i, s in enumerate(slots) if s]
         ask = [i for i in live if slots[i]["t"] % e.action_horizon == 0]

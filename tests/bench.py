@@ -3,6 +3,7 @@
     python tests/bench.py data              # data pipeline: samples/s for one DataLoader worker (CPU)
     python tests/bench.py generate          # constrained vs free decoding; per-observation time at batch 1/8/32
     python tests/bench.py train [--real]    # training step: samples/s, tokens/s, peak memory, MFU estimate
+    python tests/bench.py libero            # LIBERO eval with num_envs 1, 2, 4: env steps/s, policy queries/s
 --real uses the real Qwen2.5-VL-3B architecture from ../shared/assets (random weights, bf16; for a GPU).
 """
 import os
@@ -159,6 +160,21 @@ def bench_train(real=False, steps=5):
             del trainer, model
 
 
+def bench_libero(steps=40):
+    out = TMP / "run"
+    argv = ["--model_id", str(model_dir(False)), "--repo_id", str(tiny.make_dataset(TMP / "d")), "--output_dir",
+            str(out), "--dtype", "float32", "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no"]
+    tinyvla.train(*tinyvla.parse_args(argv))
+    policy = tinyvla.Policy(out / "final")
+    for n in (1, 2, 4):
+        e = tinyvla.parse_args(["--suite", "libero_object", "--task_ids", "0", "--episodes_per_task", str(2 * n),
+                                "--episode_max_steps", str(steps), "--num_envs", str(n), "--save_video", "false",
+                                "--eval_dir", str(TMP / f"eval{n}")])[2]
+        print(f"--- num_envs {n}: {2 * n} episodes x {steps} steps (wall time includes building the envs)")
+        tinyvla.evaluate_libero(out / "final", e, policy)
+
+
 if __name__ == "__main__":
     what, real = sys.argv[1], "--real" in sys.argv
-    {"data": lambda: bench_data(), "generate": lambda: bench_generate(real), "train": lambda: bench_train(real)}[what]()
+    {"data": bench_data, "generate": lambda: bench_generate(real), "train": lambda: bench_train(real),
+     "libero": bench_libero}[what]()
