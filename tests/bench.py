@@ -4,6 +4,7 @@
     python tests/bench.py generate          # constrained vs free decoding; per-observation time at batch 1/8/32
     python tests/bench.py train [--real]    # training step: samples/s, tokens/s, peak memory, MFU estimate
     python tests/bench.py libero            # LIBERO eval with num_envs 1, 2, 4: env steps/s, policy queries/s
+    python tests/bench.py lora_params       # LoRA trainable parameters on the real 3B config (meta device)
 --real uses the real Qwen2.5-VL-3B architecture from ../shared/assets (random weights, bf16; for a GPU).
 """
 import os
@@ -102,6 +103,12 @@ def bench_generate(real=False):
     print(f"{'real 3B (bf16, ' + device + ')' if real else 'tiny model (CPU)'}: {n_tok} new tokens at batch 1")
     print(f"  unconstrained {t_free * 1e3:8.1f} ms   constrained {t_con * 1e3:8.1f} ms   "
           f"overhead {100 * (t_con / t_free - 1):+.1f}%")
+    for vocab in (len(processor.tokenizer), 151936):  # the grammar alone, per step
+        proc, scores = grammar()[0], torch.randn(1, vocab, device=device)
+        proc(inputs["input_ids"], scores)
+        ids = torch.cat([inputs["input_ids"], proc.ids[1:2].to(device)[None]], 1)
+        t = timed(lambda: proc(ids, scores), 2000)
+        print(f"  grammar alone at vocab {vocab}: {t * 1e6:.1f} us per step")
     print("  batch | s per call | ms per observation | observations/s  (full predict: preprocess+generate+parse)")
     for b in (1, 8, 32) + ((64,) if real else ()):
         o, tk = obs(b), tasks(b)
@@ -153,10 +160,10 @@ def bench_train(real=False, steps=5):
             params = sum(p.numel() for p in model.parameters())
             # MFU: 6 * params * tokens per step (forward+backward, all weights incl. ViT over its patch tokens,
             # approximated by the sequence tokens) / step time / peak bf16 FLOP/s (790 TFLOP/s on H200)
-            mfu = 6 * params * n_tok / step / 790e12 if real else float("nan")
-            mem = torch.cuda.max_memory_allocated() / 2**30 if real else float("nan")
+            mfu = f"{6 * params * n_tok / step / 790e12:.1%}" if real else "-"
+            mem = f"{torch.cuda.max_memory_allocated() / 2**30:12.1f}" if real else f"{'-':>12s}"
             print(f"  {'LoRA' if lora else 'full':6s} | {batch:5d} | {batch / step:9.2f} | {n_tok / step:8.0f} | "
-                  f"{mem:12.1f} | {mfu:.1%}")
+                  f"{mem} | {mfu}")
             del trainer, model
 
 
@@ -170,11 +177,25 @@ def bench_libero(steps=40):
         e = tinyvla.parse_args(["--suite", "libero_object", "--task_ids", "0", "--episodes_per_task", str(2 * n),
                                 "--episode_max_steps", str(steps), "--num_envs", str(n), "--save_video", "false",
                                 "--eval_dir", str(TMP / f"eval{n}")])[2]
-        print(f"--- num_envs {n}: {2 * n} episodes x {steps} steps (wall time includes building the envs)")
+        print(f"--- num_envs {n}: {2 * n} episodes x {steps} steps (rates timed once the envs are built)")
         tinyvla.evaluate_libero(out / "final", e, policy)
+
+
+def bench_lora_params():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+    cfg = AutoConfig.from_pretrained(REAL)
+    plain = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for name, targets in [("ours: language model only", tinyvla.LORA_TARGETS), ("plain names", plain)]:
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration(cfg)
+            total = sum(p.numel() for p in model.parameters())
+            model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=targets))
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{name}: {n / 1e6:.1f}M trainable of {total / 1e6:.1f}M ({100 * n / total:.2f}%)")
 
 
 if __name__ == "__main__":
     what, real = sys.argv[1], "--real" in sys.argv
     {"data": bench_data, "generate": lambda: bench_generate(real), "train": lambda: bench_train(real),
-     "libero": bench_libero}[what]()
+     "libero": bench_libero, "lora_params": bench_lora_params}[what]()
