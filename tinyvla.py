@@ -111,8 +111,13 @@ def make_parser():
 
 def parse_args(argv=None):
     """defaults < --config yaml < CLI; then type checks and the derived values, computed once here."""
+    argv, parser = list(sys.argv[1:] if argv is None else argv), make_parser()
+    saved = Path(argv[argv.index("--eval") + 1], RUN_CONFIG) if "--eval" in argv[:-1] else None
+    if saved and saved.exists():  # the checkpoint's eval settings become the defaults; yaml and flags still win
+        parser.set_defaults(**{k: v for k, v in json.loads(saved.read_text())["eval"].items() if k not in (
+            "eval", "eval_dir", "shard_id", "num_shards", "eval_after_train")})
     try:
-        margs, dargs, eargs, targs = make_parser().parse_args_and_config(argv)
+        margs, dargs, eargs, targs = parser.parse_args_and_config(argv)
     except (ValueError, OSError) as e:  # TrlParser: unknown yaml keys, a missing or malformed config file
         raise TinyVLAError(str(e).split(". Please")[0]) from None
     for args in (margs, dargs, eargs):

@@ -49,6 +49,10 @@ def test_preset_trains_end_to_end(tiny_model, tmp_path):
     gens = [h for h in state["log_history"] if "val/parse_rate" in h]
     assert len(evals) == 5 and len(gens) == 1 and gens[0]["val/parse_rate"] == 1.0
     assert all(h["eval_num_tokens"] > 0 for h in evals)
+    # eval reads the checkpoint's settings back (the preset's 16 envs, window 10); flags still override them
+    e = tinyvla.parse_args(["--eval", str(out / "final")])[2]
+    assert (e.num_envs, e.ensemble_window, e.eval) == (16, 10, str(out / "final"))
+    assert tinyvla.parse_args(["--eval", str(out / "final"), "--num_envs", "2"])[2].num_envs == 2
     policy = tinyvla.Policy(out / "final", device="cpu")
     obs = [[np.zeros((128, 128, 3), np.uint8)] * 2]
     assert policy(obs, [tiny.TASKS[0]]).shape == (1, 10, 7)
