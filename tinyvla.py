@@ -647,6 +647,7 @@ def evaluate_libero(ckpt, e, policy=None):
     """Batched, resumable LIBERO evaluation; one policy call per step for all live envs."""
     import multiprocessing as mp
     import time
+    from multiprocessing.connection import wait as mp_wait
     from tqdm import tqdm
     policy = policy or Policy(ckpt)  # first: a bad checkpoint fails before anything is written
     assets = setup_libero(e.libero_assets)
@@ -668,56 +669,64 @@ def evaluate_libero(ckpt, e, policy=None):
     bar = tqdm(total=len(pending), desc=f"LIBERO {e.suite}", unit="ep")
     env_steps, queries = 0, 0
 
-    def start(i):
+    def start(i):  # give env i the next pending episode; its reset runs while the other envs keep stepping
         slots[i] = None
         if pending:
             ep = pending.popleft()
             conns[i].send(("reset", (ep[0], ep[1], ep[4])))
-            slots[i] = {"ep": ep, "t": 0, "frames": [], "ens": ActionEnsembler(
+            slots[i] = {"ep": ep, "t": 0, "frames": [], "resetting": True, "ens": ActionEnsembler(
                 e.ensemble_window, e.ensemble_weighting, e.ensemble_decay)}
 
     for i in range(len(conns)):
         start(i)
-    for i in range(len(conns)):
-        obs[i], _ = conns[i].recv()
-    t_start = time.time()  # the envs are built: from here on, steady-state throughput
+    t_start = time.time()
     while any(slots):
-        live = [i for i, s in enumerate(slots) if s]
-        ask = [i for i in live if slots[i]["t"] % e.action_horizon == 0]
-        if ask:
-            chunks = policy([obs[i] for i in ask], [slots[i]["ep"][2] for i in ask])
-            queries += len(ask)
-            for i, chunk in zip(ask, chunks):
-                slots[i]["ens"].add(slots[i]["t"], chunk)
-        for i in live:
-            if e.save_video:
-                slots[i]["frames"].append(np.concatenate(obs[i], axis=1))
-            conns[i].send(("step", binarize_gripper(slots[i]["ens"].act(slots[i]["t"])).tolist()))
-        for i in live:
+        # every stepping env answers each round (lockstep keeps the policy batch full); a resetting env (building a
+        # new task's scene can take seconds) joins when ready, and is waited for only when nothing else runs
+        stepping = [i for i, s in enumerate(slots) if s and not s["resetting"]]
+        resetting = [i for i, s in enumerate(slots) if s and s["resetting"]]
+        ready = stepping + [i for i in resetting if conns[i].poll()]
+        if not ready:
+            ready = [i for i in resetting if conns[i] in mp_wait([conns[j] for j in resetting])]
+        acting = []
+        for i in ready:
             obs[i], done = conns[i].recv()
-            slots[i]["t"] += 1
-            env_steps += 1
-            suite, task_id, task, episode, init_id = slots[i]["ep"]
-            if done or slots[i]["t"] >= (e.episode_max_steps or SUITE_MAX_STEPS[suite]):
+            slot = slots[i]
+            if not slot["resetting"]:
+                slot["t"] += 1
+                env_steps += 1
+            suite, task_id, task, episode, init_id = slot["ep"]
+            if done or slot["t"] >= (e.episode_max_steps or SUITE_MAX_STEPS[suite]):
                 r = {"suite": suite, "task_id": task_id, "task": task, "episode": episode, "init_state": init_id,
-                     "success": bool(done), "steps": slots[i]["t"]}
+                     "success": bool(done), "steps": slot["t"]}
                 if e.save_video:
                     import imageio
                     name = f"{suite}_task{task_id}_ep{episode}_{'success' if done else 'failure'}.mp4"
-                    imageio.mimsave(out_dir / name, slots[i]["frames"], fps=20)
+                    imageio.mimsave(out_dir / name, slot["frames"], fps=20)
                 with open(results_file, "a") as f:  # one line per finished episode: a rerun skips it
                     f.write(json.dumps(r) + "\n")
                 results.append(r)
                 bar.update(1)
                 bar.set_postfix(success=f"{np.mean([x['success'] for x in results]):.0%}")
                 start(i)
-                if slots[i]:
-                    obs[i], _ = conns[i].recv()
+            else:
+                slot["resetting"] = False
+                acting.append(i)
+        ask = [i for i in acting if slots[i]["t"] % e.action_horizon == 0]
+        if ask:
+            chunks = policy([obs[i] for i in ask], [slots[i]["ep"][2] for i in ask])
+            queries += len(ask)
+            for i, chunk in zip(ask, chunks):
+                slots[i]["ens"].add(slots[i]["t"], chunk)
+        for i in acting:
+            if e.save_video:
+                slots[i]["frames"].append(np.concatenate(obs[i], axis=1))
+            conns[i].send(("step", binarize_gripper(slots[i]["ens"].act(slots[i]["t"])).tolist()))
     bar.close()
     for conn, proc in zip(conns, procs):
         conn.send(("close", None))
         proc.join(timeout=30)
-    elapsed = time.time() - t_start
+    elapsed = time.time() - t_start  # includes building the first envs
     table, summary = results_table(results)
     (out_dir / "results.md").write_text(table + "\n")
     (out_dir / "results.json").write_text(json.dumps({"per_suite": summary, "episodes": results}, indent=2))

@@ -177,7 +177,7 @@ def bench_libero(steps=40):
         e = tinyvla.parse_args(["--suite", "libero_object", "--task_ids", "0", "--episodes_per_task", str(2 * n),
                                 "--episode_max_steps", str(steps), "--num_envs", str(n), "--save_video", "false",
                                 "--eval_dir", str(TMP / f"eval{n}")])[2]
-        print(f"--- num_envs {n}: {2 * n} episodes x {steps} steps (rates timed once the envs are built)")
+        print(f"--- num_envs {n}: {2 * n} episodes x {steps} steps (rates include building the envs)")
         tinyvla.evaluate_libero(out / "final", e, policy)
 
 
