@@ -121,24 +121,32 @@ def bench_train(real=False, steps=5):
     mdir = model_dir(real)
     data = tiny.make_dataset(TMP / "data", episodes=6, length=(60, 60), size=256)
     print(f"{'real Qwen2.5-VL-3B, bf16, ' + device if real else 'tiny model, fp32, CPU (ratios only)'}")
-    print("  mode   | batch | samples/s | tokens/s | peak mem GiB | MFU")
-    for lora in (False, True):
+    from importlib.util import find_spec
+    variants = [("full", []), ("full+ckpt", ["--activation_checkpointing", "true"]), ("LoRA", ["--use_lora", "true"]),
+                ("LoRA+ckpt", ["--use_lora", "true", "--activation_checkpointing", "true"])]
+    if real and find_spec("flash_attn"):
+        variants.append(("full+flash", ["--attn_implementation", "flash_attention_2"]))
+    if find_spec("liger_kernel"):
+        variants.append(("full+liger", ["--use_liger_kernel", "true"]))
+    print("  variant    | batch | samples/s | tokens/s | peak mem GiB | MFU")
+    for label, extra in variants:
         for batch in ((8, 16, 32) if real else (4,)):
-            argv = ["--model_id", str(mdir), "--repo_id", str(data), "--output_dir", str(TMP / f"run{lora}{batch}"),
-                    "--dtype", "bfloat16" if real else "float32", "--use_lora", str(lora), "--max_steps",
+            argv = ["--model_id", str(mdir), "--repo_id", str(data), "--output_dir", str(TMP / f"run{label}{batch}"),
+                    "--dtype", "bfloat16" if real else "float32", "--max_steps",
                     str(steps + 2), "--per_device_train_batch_size", str(batch), "--eval_strategy", "no",
                     "--save_strategy", "no", "--logging_steps", "1", "--dataloader_num_workers", "4" if real else "0",
-                    "--bf16", str(real), "--use_cpu", str(not real)]
+                    "--bf16", str(real), "--use_cpu", str(not real), *extra]
             m, d, e, t = tinyvla.parse_args(argv)
             train, _, stats = tinyvla.build_datasets(d, 0)
             model, processor = tinyvla.load_model(m.model_id, m, d)
             col = tinyvla.Collator(processor, d, 7)
             from peft import LoraConfig
-            peft = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, target_modules=tinyvla.LORA_TARGETS) if lora else None
+            peft = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, target_modules=tinyvla.LORA_TARGETS) \
+                if m.use_lora else None
             run = {"model": vars(m), "data": vars(d), "eval": vars(e), "train": {}}
             trainer = tinyvla.VLATrainer(model=model, args=t, train_set=train, val_set=None, processing_class=processor,
                                          peft_config=peft, run_config=run, stats=stats, collator=col)
-            times, tokens = [], []
+            times = []
 
             class Clock(tinyvla.TrainerCallback):
                 def on_step_begin(self, *a, **k):
@@ -162,12 +170,12 @@ def bench_train(real=False, steps=5):
             # approximated by the sequence tokens) / step time / peak bf16 FLOP/s (790 TFLOP/s on H200)
             mfu = f"{6 * params * n_tok / step / 790e12:.1%}" if real else "-"
             mem = f"{torch.cuda.max_memory_allocated() / 2**30:12.1f}" if real else f"{'-':>12s}"
-            print(f"  {'LoRA' if lora else 'full':6s} | {batch:5d} | {batch / step:9.2f} | {n_tok / step:8.0f} | "
+            print(f"  {label:10s} | {batch:5d} | {batch / step:9.2f} | {n_tok / step:8.0f} | "
                   f"{mem} | {mfu}")
             del trainer, model
 
 
-def bench_libero(steps=40):
+def bench_libero(steps=100):
     out = TMP / "run"
     argv = ["--model_id", str(model_dir(False)), "--repo_id", str(tiny.make_dataset(TMP / "d")), "--output_dir",
             str(out), "--dtype", "float32", "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no"]
@@ -177,7 +185,7 @@ def bench_libero(steps=40):
         e = tinyvla.parse_args(["--suite", "libero_object", "--task_ids", "0", "--episodes_per_task", str(2 * n),
                                 "--episode_max_steps", str(steps), "--num_envs", str(n), "--save_video", "false",
                                 "--eval_dir", str(TMP / f"eval{n}")])[2]
-        print(f"--- num_envs {n}: {2 * n} episodes x {steps} steps (rates include building the envs)")
+        print(f"--- num_envs {n}: {2 * n} episodes x {steps} steps (timed from the first env step)")
         tinyvla.evaluate_libero(out / "final", e, policy)
 
 
