@@ -654,7 +654,10 @@ def evaluate_libero(ckpt, e, policy=None):
     out_dir = Path(e.eval_dir or Path(ckpt) / "libero_eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / f"results_shard{e.shard_id}of{e.num_shards}.jsonl"
-    results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
+    text = results_file.read_text() if results_file.exists() else ""
+    if not text.endswith("\n") and text:  # a run killed mid-write leaves half a line: drop it
+        results_file.write_text(text := text[: text.rfind("\n") + 1])
+    results = [json.loads(line) for line in text.splitlines()]
     finished = {(r["suite"], r["task_id"], r["episode"]) for r in results}
     pending = deque(ep for ep in episode_list(e) if ep[:2] + ep[3:4] not in finished)
     ctx = mp.get_context("spawn")
