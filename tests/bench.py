@@ -29,9 +29,8 @@ REAL = Path(__file__).resolve().parents[2] / "shared/assets/qwen2.5-vl-3b-instru
 def model_dir(real):
     if not real:
         return tiny.make_model_dir(TMP / "model")
-    import json
     import shutil
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForImageTextToText
     out = TMP / "qwen3b"
     shutil.copytree(REAL, out)
     with torch.device("cuda"):

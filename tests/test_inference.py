@@ -145,7 +145,7 @@ def test_generate_is_plain_constrained_greedy(policy):
     model, col = policy.model, policy.collator
     inputs = col.prompts([{"images": obs[0], "task": tiny.TASKS[0]}])
     n = 8 * 7
-    grammar, ids, cache, generated = tinyvla.ActionGrammar(col.processor.tokenizer, n, 1000), inputs["input_ids"], None, []
+    grammar, ids, generated = tinyvla.ActionGrammar(col.processor.tokenizer, n, 1000), inputs["input_ids"], []
     with torch.no_grad():
         full = dict(inputs)
         for _ in range(tinyvla.max_answer_tokens(n)):

@@ -8,7 +8,6 @@ import time
 import pytest
 from conftest import ROOT, train_args
 
-import tinyvla
 
 pytest.importorskip("libero", reason="LIBERO not installed (pip install -e '.[dev]')")
 
