@@ -80,8 +80,7 @@ class EvalArgs:
     num_envs: int = field(default=8, metadata={"help": "Simulators in parallel worker processes."})
     action_horizon: int = field(default=1, metadata={"help": "Query the policy every this many steps."})
     ensemble_window: int = field(default=10, metadata={"help": "Average the last this many chunks (1: none)."})
-    ensemble_weighting: str = field(default="uniform", metadata={"help": "uniform, or exp (newer weigh more)."})
-    ensemble_decay: float = field(default=0.1, metadata={"help": "exp weighting: weight = exp(-decay * age)."})
+    ensemble_decay: float = field(default=0.0, metadata={"help": "Weight exp(-decay * age): 0 uniform, >0 newer."})
     save_video: bool = field(default=True, metadata={"help": "Write an mp4 per episode."})
     libero_assets: str = field(default="", metadata={"help": "Local LIBERO assets dir (or $LIBERO_ASSETS)."})
     eval_dir: str = field(default="", metadata={"help": "Results dir (default: <checkpoint>/libero_eval)."})
@@ -128,7 +127,7 @@ def parse_args(argv=None):
                 isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
             if not ok:
                 raise TinyVLAError(f"{f.name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-    choices = {"action_norm": ("global", "per_task"), "ensemble_weighting": ("uniform", "exp"),
+    choices = {"action_norm": ("global", "per_task"),
                "suite": (*SUITE_MAX_STEPS, "all"), "train_suite": ("", *SUITE_MAX_STEPS)}
     for name, allowed in choices.items():
         value = getattr(dargs if hasattr(dargs, name) else eargs, name)
@@ -531,8 +530,8 @@ class Policy:
 class ActionEnsembler:
     """Keeps the last `window` chunks; the action for step t averages every kept chunk's prediction for t."""
 
-    def __init__(self, window, weighting="uniform", decay=0.1):
-        self.chunks, self.weighting, self.decay = deque(maxlen=window), weighting, decay
+    def __init__(self, window, decay=0.0):
+        self.chunks, self.decay = deque(maxlen=window), decay
 
     def add(self, t, chunk):
         self.chunks.append((t, np.asarray(chunk, dtype=np.float64)))
@@ -542,7 +541,7 @@ class ActionEnsembler:
         if not preds:
             raise ValueError(f"no kept chunk covers step {t}: query the policy at least every horizon steps")
         ages = np.array([a for _, a in preds], dtype=np.float64)
-        w = np.exp(-self.decay * ages) if self.weighting == "exp" else np.ones_like(ages)
+        w = np.exp(-self.decay * ages)  # decay 0: a plain average
         return (w[:, None] * np.stack([p for p, _ in preds])).sum(0) / w.sum()
 
 
@@ -678,7 +677,7 @@ def evaluate_libero(ckpt, e, policy=None):
             ep = pending.popleft()
             conns[i].send(("reset", (ep[0], ep[1], ep[4])))
             slots[i] = {"ep": ep, "t": 0, "frames": [], "resetting": True, "ens": ActionEnsembler(
-                e.ensemble_window, e.ensemble_weighting, e.ensemble_decay)}
+                e.ensemble_window, e.ensemble_decay)}
 
     for i in range(len(conns)):
         start(i)

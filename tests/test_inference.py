@@ -84,7 +84,7 @@ def test_ensembling_by_hand():
     assert np.allclose(ens.act(1), (1 + 10) / 2)
     ens.add(2, c)  # window 2: chunk a is dropped
     assert np.allclose(ens.act(2), (11 + 100) / 2)
-    exp = tinyvla.ActionEnsembler(window=3, weighting="exp", decay=0.5)
+    exp = tinyvla.ActionEnsembler(window=3, decay=0.5)
     exp.add(0, a), exp.add(1, b)
     w = np.exp(-0.5 * np.array([1, 0]))
     assert np.allclose(exp.act(1), (w[0] * 1 + w[1] * 10) / w.sum())
