@@ -493,8 +493,9 @@ def predict(model, collator, stats, images, tasks):
     d, tok = collator.d, collator.processor.tokenizer
     inputs = collator.prompts([{"images": i, "task": t} for i, t in zip(images, tasks)]).to(model.device)
     n = d.horizon * len(stats["global"]["lo"])
-    # A fresh config, not the checkpoint's: Qwen ships do_sample + repetition_penalty 1.05, which bends digits.
-    gen = GenerationConfig(max_new_tokens=max_answer_tokens(n), do_sample=False, num_beams=1,
+    # generate() fills unset fields from the checkpoint's generation_config, and Qwen's has do_sample and
+    # repetition_penalty 1.05 (which bends repeated digits): set them all explicitly.
+    gen = GenerationConfig(max_new_tokens=max_answer_tokens(n), do_sample=False, num_beams=1, repetition_penalty=1.0,
                            eos_token_id=collator.end_id, pad_token_id=collator.pad_id)
     out = model.generate(**inputs, generation_config=gen, logits_processor=[ActionGrammar(tok, n, d.num_bins)])
     texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -514,7 +515,6 @@ class Policy:
         if device == "cpu":
             self.m.dtype = "float32"
         self.model, processor = load_model(str(ckpt), self.m, self.d, device)
-        self.model.generation_config = GenerationConfig()  # drop the checkpoint's sampling defaults
         self.collator = Collator(processor, self.d, len(self.stats["global"]["lo"]))
         self.parse_failures = 0
 

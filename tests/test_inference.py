@@ -141,6 +141,8 @@ def test_generate_is_plain_constrained_greedy(policy):
     import tiny
     saved = json.loads((tinyvla.Path(policy.m.model_id) / "generation_config.json").read_text())
     assert saved["repetition_penalty"] == 1.05 and saved["do_sample"]
+    # whatever the loaded generation_config says (a large penalty makes any leak visible), predict ignores it
+    policy.model.generation_config.update(repetition_penalty=50.0, do_sample=True, temperature=5.0)
     obs = [tinyvla.prepare_images(o, policy.d) for o in _observations(1, seed=3)]
     model, col = policy.model, policy.collator
     inputs = col.prompts([{"images": obs[0], "task": tiny.TASKS[0]}])
