@@ -742,10 +742,8 @@ def evaluate_libero(ckpt, e, policy=None):
 
 
 # ----------------------------------------------------------------------------- main
-def train(m, d, e, targs):
-    final = Path(targs.output_dir) / "final"
-    if final.exists() and not targs.resume_from_checkpoint:
-        raise TinyVLAError(f"{final} already exists; choose another --output_dir or --resume_from_checkpoint")
+def make_trainer(m, d, e, targs):
+    """Datasets, model (LoRA-wrapped by TRL when use_lora) and the trainer for a parsed config."""
     train_ds, val_ds, stats = build_datasets(d, targs.seed)
     model, processor = load_model(m.model_id, m, d)
     peft_config = None
@@ -754,11 +752,18 @@ def train(m, d, e, targs):
         peft_config = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, bias="none",
                                  target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     run_config = {"model": asdict(m), "data": asdict(d), "eval": asdict(e), "train": targs.to_dict()}
-    trainer = VLATrainer(model=model, args=targs, train_set=train_ds, val_set=val_ds,
-                         processing_class=processor, peft_config=peft_config, run_config=run_config, stats=stats,
-                         collator=Collator(processor, d, len(stats["global"]["lo"])))
+    return VLATrainer(model=model, args=targs, train_set=train_ds, val_set=val_ds, processing_class=processor,
+                      peft_config=peft_config, run_config=run_config, stats=stats,
+                      collator=Collator(processor, d, len(stats["global"]["lo"])))
+
+
+def train(m, d, e, targs):
+    final = Path(targs.output_dir) / "final"
+    if final.exists() and not targs.resume_from_checkpoint:
+        raise TinyVLAError(f"{final} already exists; choose another --output_dir or --resume_from_checkpoint")
+    trainer = make_trainer(m, d, e, targs)
     if trainer.is_world_process_zero():
-        save_run_info(targs.output_dir, run_config, stats)
+        save_run_info(targs.output_dir, trainer.run_config, trainer.stats)
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_model(str(final))
     if e.eval_after_train and trainer.is_world_process_zero():

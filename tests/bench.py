@@ -135,16 +135,7 @@ def bench_train(real=False, steps=5):
                     str(steps + 2), "--per_device_train_batch_size", str(batch), "--eval_strategy", "no",
                     "--save_strategy", "no", "--logging_steps", "1", "--dataloader_num_workers", "4" if real else "0",
                     "--bf16", str(real), "--use_cpu", str(not real), *extra]
-            m, d, e, t = tinyvla.parse_args(argv)
-            train, _, stats = tinyvla.build_datasets(d, 0)
-            model, processor = tinyvla.load_model(m.model_id, m, d)
-            col = tinyvla.Collator(processor, d, 7)
-            from peft import LoraConfig
-            peft = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, target_modules=tinyvla.LORA_TARGETS) \
-                if m.use_lora else None
-            run = {"model": vars(m), "data": vars(d), "eval": vars(e), "train": {}}
-            trainer = tinyvla.VLATrainer(model=model, args=t, train_set=train, val_set=None, processing_class=processor,
-                                         peft_config=peft, run_config=run, stats=stats, collator=col)
+            trainer = tinyvla.make_trainer(*tinyvla.parse_args(argv))
             times = []
 
             class Clock(tinyvla.TrainerCallback):
@@ -163,15 +154,15 @@ def bench_train(real=False, steps=5):
                 torch.cuda.reset_peak_memory_stats()
             trainer.train()
             step = float(np.median(times[2:]))
-            n_tok = col([train[i] for i in range(batch)])["input_ids"].numel()
-            params = sum(p.numel() for p in model.parameters())
+            n_tok = trainer.data_collator([trainer.train_dataset[i] for i in range(batch)])["input_ids"].numel()
+            params = sum(p.numel() for p in trainer.model.parameters())
             # MFU: 6 * params * tokens per step (forward+backward, all weights incl. ViT over its patch tokens,
             # approximated by the sequence tokens) / step time / peak bf16 FLOP/s (790 TFLOP/s on H200)
             mfu = f"{6 * params * n_tok / step / 790e12:.1%}" if real else "-"
             mem = f"{torch.cuda.max_memory_allocated() / 2**30:12.1f}" if real else f"{'-':>12s}"
             print(f"  {label:10s} | {batch:5d} | {batch / step:9.2f} | {n_tok / step:8.0f} | "
                   f"{mem} | {mfu}")
-            del trainer, model
+            del trainer
 
 
 def bench_libero(steps=100):
