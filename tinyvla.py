@@ -36,6 +36,7 @@ SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 3
 STANDARD_SUITES = ["libero_spatial", "libero_object", "libero_goal", "libero_10"]  # what --suite all runs
 WAIT_STEPS, WAIT_ACTION = 10, [0.0] * 6 + [-1.0]  # let objects settle after set_init_state, gripper open
 ENV_SEED, CAMERA_RES = 7, 256
+PROMPT_BUCKET = 64  # static_cache: prompts are left-padded to a multiple of this, so few shapes get compiled
 
 
 class TinyVLAError(Exception):
@@ -91,6 +92,8 @@ class EvalArgs:
     eval_after_train_episodes: int = field(default=5, metadata={"help": "Episodes per task after training."})
     gen_eval_every: int = field(default=1, metadata={"help": "Generation metrics every N evaluations (0: off)."})
     gen_eval_samples: int = field(default=30, metadata={"help": "Val samples decoded for generation metrics."})
+    static_cache: bool = field(default=False, metadata={"help": "Generate with a static KV cache + torch.compile "
+                               "(CUDA graphs on GPU); the first call per batch bucket compiles."})
     eval_max_batches: int = field(default=0, metadata={"help": "Val loss on this many batches (0: all of val)."})
     save_every_epochs: int = field(default=1, metadata={"help": "With save_strategy epoch: every N epochs."})
 
@@ -348,13 +351,13 @@ class Collator:
         self.end_id, self.pad_id = tok.convert_tokens_to_ids(END_TOKEN), tok.pad_token_id
         self.system = SYSTEM_PROMPT.format(H=d.horizon, D=action_dim, N=d.horizon * action_dim, B=d.num_bins)
 
-    def prompts(self, samples, padding_side="left"):
+    def prompts(self, samples, pad_to_multiple_of=None):
         texts = [self.processor.apply_chat_template([
             {"role": "system", "content": [{"type": "text", "text": self.system}]},
             {"role": "user", "content": [*[{"type": "image"}] * len(s["images"]), {"type": "text", "text": s["task"]}]},
         ], add_generation_prompt=True, tokenize=False) for s in samples]
-        return self.processor(text=texts, images=[s["images"] for s in samples], padding=True,
-                              padding_side=padding_side, return_tensors="pt")
+        return self.processor(text=texts, images=[s["images"] for s in samples], padding=True, padding_side="left",
+                              pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
 
     def __call__(self, samples):
         enc = self.prompts(samples)
@@ -493,17 +496,21 @@ def max_answer_tokens(n):
 
 
 @torch.no_grad()
-def predict(model, collator, stats, images, tasks):
-    """Batched constrained greedy decoding -> (actions [B, H, D], parsed [B]). Unparsed rows are NaN."""
-    d, tok = collator.d, collator.processor.tokenizer
-    inputs = collator.prompts([{"images": i, "task": t} for i, t in zip(images, tasks)]).to(model.device)
+def predict(model, collator, stats, images, tasks, static_cache=False):
+    """Batched constrained greedy decoding -> (actions [B, H, D], parsed [B]). Unparsed rows are NaN.
+    static_cache pads the batch to a power of two and the prompt to PROMPT_BUCKET tokens: few compiled shapes."""
+    d, tok, b = collator.d, collator.processor.tokenizer, len(tasks)
+    pad = 2 ** math.ceil(math.log2(b)) - b if static_cache else 0
+    samples = [{"images": i, "task": t} for i, t in zip([*images, *images[-1:] * pad], [*tasks, *tasks[-1:] * pad])]
+    inputs = collator.prompts(samples, PROMPT_BUCKET if static_cache else None).to(model.device)
     n = d.horizon * len(stats["global"]["lo"])
     # generate() fills unset fields from the checkpoint's generation_config, and Qwen's has do_sample and
     # repetition_penalty 1.05 (which bends repeated digits): set them all explicitly.
     gen = GenerationConfig(max_new_tokens=max_answer_tokens(n), do_sample=False, num_beams=1, repetition_penalty=1.0,
-                           eos_token_id=collator.end_id, pad_token_id=collator.pad_id)
+                           eos_token_id=collator.end_id, pad_token_id=collator.pad_id,
+                           cache_implementation="static" if static_cache else None)  # static: generate() compiles
     out = model.generate(**inputs, generation_config=gen, logits_processor=[ActionGrammar(tok, n, d.num_bins)])
-    texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = tok.batch_decode(out[:b, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     actions = [text_to_actions(t, *bounds_for(stats, d.action_norm, task), d.num_bins, d.horizon)
                for t, task in zip(texts, tasks)]
     ok = np.array([a is not None for a in actions])
@@ -514,8 +521,9 @@ def predict(model, collator, stats, images, tasks):
 class Policy:
     """A checkpoint dir (full model or LoRA adapter + run config + action stats) as a batched policy."""
 
-    def __init__(self, ckpt, device=None):
+    def __init__(self, ckpt, device=None, static_cache=False):
         self.m, self.d, self.stats = load_run_info(ckpt)
+        self.static_cache = static_cache
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cpu":
             self.m.dtype = "float32"
@@ -526,7 +534,7 @@ class Policy:
     def __call__(self, observations, tasks):
         """observations: per env a list of camera frames (HWC uint8, dataset orientation) -> [B, H, D] actions."""
         images = [prepare_images(obs[:len(self.d.image_keys)], self.d) for obs in observations]
-        actions, ok = predict(self.model.eval(), self.collator, self.stats, images, tasks)
+        actions, ok = predict(self.model.eval(), self.collator, self.stats, images, tasks, self.static_cache)
         self.parse_failures += int((~ok).sum())
         return np.nan_to_num(actions)  # the grammar makes failures impossible; counted above if one slips through
 
@@ -650,7 +658,7 @@ def evaluate_libero(ckpt, e, policy=None):
     import time
     from multiprocessing.connection import wait as mp_wait
     from tqdm import tqdm
-    policy = policy or Policy(ckpt)  # first: a bad checkpoint fails before anything is written
+    policy = policy or Policy(ckpt, static_cache=e.static_cache)  # first: a bad checkpoint fails before any write
     assets = setup_libero(e.libero_assets)
     out_dir = Path(e.eval_dir or Path(ckpt) / "libero_eval")
     out_dir.mkdir(parents=True, exist_ok=True)

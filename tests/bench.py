@@ -108,11 +108,18 @@ def bench_generate(real=False):
         ids = torch.cat([inputs["input_ids"], proc.ids[1:2].to(device)[None]], 1)
         t = timed(lambda: proc(ids, scores), 2000)
         print(f"  grammar alone at vocab {vocab}: {t * 1e6:.1f} us per step")
-    print("  batch | s per call | ms per observation | observations/s  (full predict: preprocess+generate+parse)")
-    for b in (1, 8, 32) + ((64,) if real else ()):
-        o, tk = obs(b), tasks(b)
-        t = timed(lambda: tinyvla.predict(model, col, stats, o, tk), 2)
-        print(f"  {b:5d} | {t:10.3f} | {1e3 * t / b:18.1f} | {b / t:14.1f}")
+    print("  full predict (preprocess+generate+parse); static = --static_cache (compiled on GPU; first call compiles)")
+    print("  cache   | batch | first call s | s per call | ms per observation | observations/s")
+    for static in (False, True):
+        for b in (1, 8, 32) + ((64,) if real else ()):
+            o, tk = obs(b), tasks(b)
+            call = lambda: tinyvla.predict(model, col, stats, o, tk, static)
+            t = time.perf_counter()
+            call()
+            sync()
+            first, t = time.perf_counter() - t, timed(call, 2)
+            label = "static" if static else "dynamic"
+            print(f"  {label:7s} | {b:5d} | {first:12.2f} | {t:10.3f} | {1e3 * t / b:18.1f} | {b / t:14.1f}")
 
 
 def bench_train(real=False, steps=5):

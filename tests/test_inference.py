@@ -176,3 +176,28 @@ def test_generation_metrics_logged(trained_run):
     assert logs[-1]["val/mae"] == pytest.approx(np.mean([logs[-1][f"val/dim{i}_mae"] for i in range(7)]))
     out = trained_run[0]
     assert (out / "best" / tinyvla.ACTION_STATS).exists() and (out / "checkpoint-2" / tinyvla.RUN_CONFIG).exists()
+
+
+def test_static_cache_decodes_the_same_actions(tiny_model):
+    """--static_cache pads the batch to a power of two and the prompt to PROMPT_BUCKET tokens, and generates with a
+    static KV cache: the actions must be the default path's, row for row."""
+    import tiny
+    d = tinyvla.DataArgs()
+    model, processor = tinyvla.load_model(str(tiny_model), tinyvla.ModelArgs(dtype="float32"), d, "cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():  # large random weights: each row decodes differently, so a row mix-up would show
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    calls, generate = [], model.generate
+    model.generate = lambda **kw: calls.append(kw) or generate(**kw)
+    col, stats = tinyvla.Collator(processor, d, 7), {"global": {"lo": [0.0] * 7, "hi": [1.0] * 7}, "per_task": {}}
+    obs = [tinyvla.prepare_images(o, d) for o in _observations(3, seed=5)]
+    plain, _ = tinyvla.predict(model.eval(), col, stats, obs, tiny.TASKS[:3])
+    static, ok = tinyvla.predict(model, col, stats, obs, tiny.TASKS[:3], static_cache=True)
+    assert len({tuple(row) for row in plain.reshape(3, -1)}) == 3
+    assert ok.all() and static.shape == (3, 8, 7) and np.array_equal(plain, static)
+    ids = calls[-1]["input_ids"]
+    assert ids.shape[0] == 4 and ids.shape[1] % tinyvla.PROMPT_BUCKET == 0
+    assert calls[-1]["generation_config"].cache_implementation == "static"
+    assert calls[0]["generation_config"].cache_implementation is None and calls[0]["input_ids"].shape[0] == 3
