@@ -4,6 +4,8 @@
     python tests/bench.py generate          # constrained vs free decoding; per-observation time at batch 1/8/32
     python tests/bench.py train [--real]    # training step: samples/s, tokens/s, peak memory, MFU estimate
     python tests/bench.py libero            # LIBERO eval with num_envs 1, 2, 4: env steps/s, policy queries/s
+    python tests/bench.py sim               # one simulator alone: steps/s with and without camera rendering, and
+                                            # the env steps a full 4-suite eval takes (needs ../shared libero-meta)
     python tests/bench.py lora_params       # LoRA trainable parameters on the real 3B config (meta device)
 --real uses the real Qwen2.5-VL-3B architecture from ../shared/assets (random weights, bf16; for a GPU).
 """
@@ -186,6 +188,47 @@ def bench_libero(steps=100):
         tinyvla.evaluate_libero(out / "final", e, policy)
 
 
+def bench_sim(steps=60):
+    import json
+    tinyvla.setup_libero()
+    from libero.libero import benchmark, get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+    bench = benchmark.get_benchmark_dict()["libero_spatial"]()
+    task = bench.get_task(0)
+    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+    print(f"one LIBERO env (libero_spatial task 0), MUJOCO_GL={os.environ.get('MUJOCO_GL')}, {steps} steps")
+    for render in (True, False):
+        t = time.perf_counter()
+        env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=tinyvla.CAMERA_RES,
+                                 camera_widths=tinyvla.CAMERA_RES, has_offscreen_renderer=render, use_camera_obs=render)
+        env.seed(tinyvla.ENV_SEED)
+        env.reset()
+        env.set_init_state(bench.get_task_init_states(0)[0])
+        build = time.perf_counter() - t
+        for _ in range(tinyvla.WAIT_STEPS):
+            env.step(tinyvla.WAIT_ACTION)
+        t = time.perf_counter()
+        for _ in range(steps):
+            env.step([0.1, 0, 0, 0, 0, 0, -1])
+        what = "physics + 2 cameras rendered" if render else "physics only (no rendering)"
+        print(f"  {what:30s}: {steps / (time.perf_counter() - t):6.1f} steps/s  (scene build {build:.1f} s)")
+        env.close()
+    meta = REAL.parent / "libero-meta/episodes.jsonl"
+    if not meta.exists():
+        return print(f"  ({meta} missing: no episode-length projection)")
+    lengths = [json.loads(line) for line in meta.read_text().splitlines()]
+    demo, limit = 0, 0
+    print("  suite          | demo episodes | mean demo length | step limit")
+    for suite in tinyvla.STANDARD_SUITES:
+        tasks = tinyvla.suite_tasks(suite)
+        n = np.array([e["length"] for e in lengths if e["tasks"][0] in tasks])
+        print(f"  {suite:14s} | {len(n):13d} | {n.mean():16.1f} | {tinyvla.SUITE_MAX_STEPS[suite]:10d}")
+        demo += 500 * (n.mean() + tinyvla.WAIT_STEPS)
+        limit += 500 * (tinyvla.SUITE_MAX_STEPS[suite] + tinyvla.WAIT_STEPS)
+    print(f"  2,000 episodes (50 per task): {demo:,.0f} env steps at demo pace, {limit:,.0f} if every episode "
+          f"runs to its limit (each incl. {tinyvla.WAIT_STEPS} settle steps)")
+
+
 def bench_lora_params():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
@@ -203,4 +246,4 @@ def bench_lora_params():
 if __name__ == "__main__":
     what, real = sys.argv[1], "--real" in sys.argv
     {"data": bench_data, "generate": lambda: bench_generate(real), "train": lambda: bench_train(real),
-     "libero": bench_libero, "lora_params": bench_lora_params}[what]()
+     "libero": bench_libero, "sim": bench_sim, "lora_params": bench_lora_params}[what]()
