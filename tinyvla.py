@@ -594,44 +594,59 @@ def setup_libero(assets=""):
     return assets
 
 
-def env_worker(conn, assets):
-    """One simulator per process (each owns its render context). Commands: reset, step, close."""
+def env_worker(conn, assets, e, out_dir):
+    """One simulator per process (each owns its render context), running whole episodes: it sends each observation
+    it needs an action chunk for, ensembles the chunks it gets back, and writes the episode's video itself (so
+    encoding runs in parallel). Gets an episode tuple (None: exit); answers ("obs", images), then ("done", result),
+    or ("error", message)."""
     setup_libero(assets)
     from libero.libero import benchmark, get_libero_path
     from libero.libero.envs import OffScreenRenderEnv
     env, current = None, None
-    images = lambda o: [flip(o["agentview_image"]), flip(o["robot0_eye_in_hand_image"])]
     while True:
         try:
-            cmd, arg = conn.recv()
-        except EOFError:  # the main process has stopped (an error, ctrl-c): nothing left to do
-            return
+            ep = conn.recv()
+        except EOFError:  # the main process has stopped (an error, ctrl-c)
+            break
+        if ep is None:
+            break
+        suite, task_id, task, episode, init_id = ep
         try:
-            if cmd == "reset":
-                suite, task_id, init_id = arg
-                bench = benchmark.get_benchmark_dict()[suite]()
-                task = bench.get_task(task_id)
-                if current != (suite, task_id):
-                    if env is not None:
-                        env.close()
-                    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
-                    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=CAMERA_RES, camera_widths=CAMERA_RES)
-                    current = (suite, task_id)
-                env.seed(ENV_SEED)
-                env.reset()
-                obs = env.set_init_state(bench.get_task_init_states(task_id)[init_id])
-                for _ in range(WAIT_STEPS):
-                    obs, _, _, _ = env.step(WAIT_ACTION)
-                conn.send((images(obs), False))
-            elif cmd == "step":
-                obs, _, done, _ = env.step(arg)
-                conn.send((images(obs), bool(done)))
-            else:
+            bench = benchmark.get_benchmark_dict()[suite]()
+            if current != (suite, task_id):
                 if env is not None:
                     env.close()
-                return
+                spec = bench.get_task(task_id)
+                bddl = os.path.join(get_libero_path("bddl_files"), spec.problem_folder, spec.bddl_file)
+                env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=CAMERA_RES, camera_widths=CAMERA_RES)
+                current = (suite, task_id)
+            env.seed(ENV_SEED)
+            env.reset()
+            obs = env.set_init_state(bench.get_task_init_states(task_id)[init_id])
+            for _ in range(WAIT_STEPS):
+                obs, _, _, _ = env.step(WAIT_ACTION)
+            ensembler, frames, done, t = ActionEnsembler(e.ensemble_window, e.ensemble_decay), [], False, 0
+            while not done and t < (e.episode_max_steps or SUITE_MAX_STEPS[suite]):
+                images = [flip(obs["agentview_image"]), flip(obs["robot0_eye_in_hand_image"])]
+                if t % e.action_horizon == 0:
+                    conn.send(("obs", images))
+                    ensembler.add(t, conn.recv())
+                if e.save_video:
+                    frames.append(np.concatenate(images, axis=1))
+                obs, _, done, _ = env.step(binarize_gripper(ensembler.act(t)).tolist())
+                t += 1
+            if e.save_video:
+                import imageio
+                name = f"{suite}_task{task_id}_ep{episode}_{'success' if done else 'failure'}.mp4"
+                imageio.mimsave(Path(out_dir, name), frames, fps=20)
+            conn.send(("done", {"suite": suite, "task_id": task_id, "task": task, "episode": episode,
+                                "init_state": init_id, "success": bool(done), "steps": t}))
+        except (EOFError, BrokenPipeError):  # the main process has stopped
+            break
         except Exception as err:  # the main process stops with this as one line (bad assets, a MuJoCo error...)
-            conn.send((None, f"{type(err).__name__}: {err}"))
+            conn.send(("error", f"{type(err).__name__}: {err}"))
+    if env is not None:
+        env.close()
 
 
 def episode_list(e):
@@ -680,86 +695,65 @@ def evaluate_libero(ckpt, e, policy=None):
     results = [json.loads(line) for line in text.splitlines()]
     finished = {(r["suite"], r["task_id"], r["episode"]) for r in results}
     pending = deque(ep for ep in episodes if ep[:2] + ep[3:4] not in finished)
-    ctx = mp.get_context("spawn")
-    n_envs = max(1, min(e.num_envs, len(pending)))
-    conns, procs = [], []
-    for _ in range(n_envs if pending else 0):
+    ctx, conns, procs = mp.get_context("spawn"), [], []
+    for _ in range(min(e.num_envs, len(pending))):
         a, b = ctx.Pipe()
-        procs.append(ctx.Process(target=env_worker, args=(b, assets), daemon=True))
+        procs.append(ctx.Process(target=env_worker, args=(b, assets, e, out_dir), daemon=True))
         procs[-1].start()
         conns.append(a)
-    slots, obs = [None] * len(conns), [None] * len(conns)
+    running, stepping = [None] * len(conns), [False] * len(conns)  # per env: its episode; has it sent an obs yet
     bar = tqdm(total=len(pending), desc=f"LIBERO {e.suite}", unit="ep")
-    env_steps, queries = 0, 0
+    env_steps, queries, t_start = 0, 0, None  # timed from the first observation: without the first scene build
 
     def start(i):  # give env i the next pending episode; its reset runs while the other envs keep stepping
-        slots[i] = None
-        if pending:
-            ep = pending.popleft()
-            conns[i].send(("reset", (ep[0], ep[1], ep[4])))
-            slots[i] = {"ep": ep, "t": 0, "frames": [], "resetting": True, "ens": ActionEnsembler(
-                e.ensemble_window, e.ensemble_decay)}
+        running[i], stepping[i] = (pending.popleft() if pending else None), False
+        if running[i]:
+            conns[i].send(running[i])
 
     for i in range(len(conns)):
         start(i)
-    t_start = None  # set at the first env step: throughput is timed without the first scene build
-    while any(slots):
-        # every stepping env answers each round (lockstep keeps the policy batch full); a resetting env (building a
-        # new task's scene can take seconds) joins when ready, and is waited for only when nothing else runs
-        stepping = [i for i, s in enumerate(slots) if s and not s["resetting"]]
-        resetting = [i for i, s in enumerate(slots) if s and s["resetting"]]
-        ready = stepping + [i for i in resetting if conns[i].poll()]
-        if not ready:
-            ready = [i for i in resetting if conns[i] in mp_wait([conns[j] for j in resetting])]
-        acting = []
+    while any(running):
+        # every stepping env answers each round (lockstep keeps the policy batch full); an env building a new scene
+        # (seconds) joins when ready, and is waited for only when nothing else runs
+        resetting = [i for i, ep in enumerate(running) if ep and not stepping[i]]
+        ready = [i for i, ep in enumerate(running) if ep and stepping[i]] + [i for i in resetting if conns[i].poll()]
+        ready = ready or [i for i in resetting if conns[i] in mp_wait([conns[j] for j in resetting])]
+        asking, images = [], []
         for i in ready:
-            obs[i], done = conns[i].recv()
-            slot = slots[i]
-            if obs[i] is None:
-                raise TinyVLAError(f"the simulator failed in {slot['ep'][0]} task {slot['ep'][1]} episode "
-                                   f"{slot['ep'][3]}: {done} (finished episodes are saved; rerun to resume)")
-            if not slot["resetting"]:
-                slot["t"] += 1
-                env_steps += 1
-            suite, task_id, task, episode, init_id = slot["ep"]
-            if done or slot["t"] >= (e.episode_max_steps or SUITE_MAX_STEPS[suite]):
-                r = {"suite": suite, "task_id": task_id, "task": task, "episode": episode, "init_state": init_id,
-                     "success": bool(done), "steps": slot["t"]}
-                if e.save_video:
-                    import imageio
-                    name = f"{suite}_task{task_id}_ep{episode}_{'success' if done else 'failure'}.mp4"
-                    imageio.mimsave(out_dir / name, slot["frames"], fps=20)
-                with open(results_file, "a") as f:  # one line per finished episode: a rerun skips it
-                    f.write(json.dumps(r) + "\n")
-                results.append(r)
-                bar.update(1)
-                bar.set_postfix(success=f"{np.mean([x['success'] for x in results]):.0%}")
-                start(i)
-            else:
-                slot["resetting"] = False
-                acting.append(i)
-        t_start = t_start or (time.time() if acting else None)
-        ask = [i for i in acting if slots[i]["t"] % e.action_horizon == 0]
-        if ask:
-            chunks = policy([obs[i] for i in ask], [slots[i]["ep"][2] for i in ask])
-            queries += len(ask)
-            for i, chunk in zip(ask, chunks):
-                slots[i]["ens"].add(slots[i]["t"], chunk)
-        for i in acting:
-            if e.save_video:
-                slots[i]["frames"].append(np.concatenate(obs[i], axis=1))
-            conns[i].send(("step", binarize_gripper(slots[i]["ens"].act(slots[i]["t"])).tolist()))
+            kind, payload = conns[i].recv()
+            if kind == "error":
+                suite, task_id, _, episode, _ = running[i]
+                raise TinyVLAError(f"the simulator failed in {suite} task {task_id} episode {episode}: {payload} "
+                                   "(finished episodes are saved; rerun to resume)")
+            if kind == "obs":
+                asking.append(i)
+                images.append(payload)
+                stepping[i] = True
+                continue
+            with open(results_file, "a") as f:  # one line per finished episode: a rerun skips it
+                f.write(json.dumps(payload) + "\n")
+            results.append(payload)
+            env_steps += payload["steps"]
+            bar.update(1)
+            bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.0%}")
+            start(i)
+        if asking:
+            t_start = t_start or time.time()
+            chunks = policy(images, [running[i][2] for i in asking])
+            queries += len(asking)
+            for i, chunk in zip(asking, chunks):
+                conns[i].send(chunk)
     bar.close()
     for conn, proc in zip(conns, procs):
-        conn.send(("close", None))
+        conn.send(None)
         proc.join(timeout=30)
     elapsed = time.time() - (t_start or time.time())
     table, summary = results_table(results)
     (out_dir / "results.md").write_text(table + "\n")
     (out_dir / "results.json").write_text(json.dumps({"per_suite": summary, "episodes": results}, indent=2))
     print(table)
-    print(f"{env_steps} env steps in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} env steps/s, "
-          f"{queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}")
+    print(f"{env_steps} env steps, {queries} policy queries in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} "
+          f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}")
     return summary
 
 

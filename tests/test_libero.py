@@ -39,7 +39,7 @@ def test_eval_writes_results_table_videos_and_skips_finished(trained_run, tmp_pa
     table = (out / "results.md").read_text()
     assert "| libero_object | 0: pick up the alphabet soup" in table and "0.0%" in table
     assert json.loads((out / "results.json").read_text())["per_suite"] == {"libero_object": 0.0}
-    assert "env steps/s" in r.stdout and "policy queries/s" in r.stdout
+    assert "8 env steps, 8 policy queries in" in r.stdout and "policy queries/s" in r.stdout
     # the same command again: nothing left to run, nothing counted twice
     r = subprocess.run(eval_cmd(trained_run[0] / "final", out), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -68,10 +68,11 @@ def test_eval_after_train(tiny_model, dataset_v2, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *train_args(
         tiny_model, dataset_v2, out, "--max_steps", 2, "--eval_strategy", "no", "--eval_after_train", "true",
         "--suite", "libero_object", "--task_ids", 0, "--eval_after_train_episodes", 1, "--episode_max_steps", 3,
-        "--num_envs", 1, "--save_video", "false")], capture_output=True, text=True, timeout=900)
+        "--num_envs", 1, "--save_video", "false", "--action_horizon", 2)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = results(out / "final/libero_eval")
     assert len(rows) == 1 and rows[0]["steps"] == 3
+    assert "3 env steps, 2 policy queries in" in r.stdout  # action_horizon 2: queried at steps 0 and 2
 
 
 def test_unknown_checkpoint_or_suite_is_one_line(tmp_path):
