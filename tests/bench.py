@@ -207,12 +207,19 @@ def bench_sim(steps=60):
         build = time.perf_counter() - t
         for _ in range(tinyvla.WAIT_STEPS):
             env.step(tinyvla.WAIT_ACTION)
-        t = time.perf_counter()
+        t, frames = time.perf_counter(), []
         for _ in range(steps):
-            env.step([0.1, 0, 0, 0, 0, 0, -1])
+            obs, _, _, _ = env.step([0.1, 0, 0, 0, 0, 0, -1])
+            if render:
+                frames.append(np.concatenate([obs["agentview_image"], obs["robot0_eye_in_hand_image"]], axis=1))
         what = "physics + 2 cameras rendered" if render else "physics only (no rendering)"
         print(f"  {what:30s}: {steps / (time.perf_counter() - t):6.1f} steps/s  (scene build {build:.1f} s)")
         env.close()
+        if render:  # what an episode's mp4 costs (agent view | wrist, as the eval writes it)
+            import imageio
+            t = time.perf_counter()
+            imageio.mimsave(TMP / "episode.mp4", frames, fps=20)
+            print(f"  mp4 encoding (256x512 frames): {1e3 * (time.perf_counter() - t) / steps:.1f} ms per frame")
     meta = REAL.parent / "libero-meta/episodes.jsonl"
     if not meta.exists():
         return print(f"  ({meta} missing: no episode-length projection)")
