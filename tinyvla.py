@@ -351,13 +351,13 @@ class Collator:
         self.end_id, self.pad_id = tok.convert_tokens_to_ids(END_TOKEN), tok.pad_token_id
         self.system = SYSTEM_PROMPT.format(H=d.horizon, D=action_dim, N=d.horizon * action_dim, B=d.num_bins)
 
-    def prompts(self, samples, pad_to_multiple_of=None):
+    def prompts(self, samples, pad_to_multiple_of=None, device=None):  # device: where the images are processed
         texts = [self.processor.apply_chat_template([
             {"role": "system", "content": [{"type": "text", "text": self.system}]},
             {"role": "user", "content": [*[{"type": "image"}] * len(s["images"]), {"type": "text", "text": s["task"]}]},
         ], add_generation_prompt=True, tokenize=False) for s in samples]
         return self.processor(text=texts, images=[s["images"] for s in samples], padding=True, padding_side="left",
-                              pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+                              pad_to_multiple_of=pad_to_multiple_of, device=device, return_tensors="pt")
 
     def __call__(self, samples):
         enc = self.prompts(samples)
@@ -502,7 +502,7 @@ def predict(model, collator, stats, images, tasks, static_cache=False):
     d, tok, b = collator.d, collator.processor.tokenizer, len(tasks)
     pad = 2 ** math.ceil(math.log2(b)) - b if static_cache else 0
     samples = [{"images": i, "task": t} for i, t in zip([*images, *images[-1:] * pad], [*tasks, *tasks[-1:] * pad])]
-    inputs = collator.prompts(samples, PROMPT_BUCKET if static_cache else None).to(model.device)
+    inputs = collator.prompts(samples, PROMPT_BUCKET if static_cache else None, model.device).to(model.device)
     n = d.horizon * len(stats["global"]["lo"])
     # generate() fills unset fields from the checkpoint's generation_config, and Qwen's has do_sample and
     # repetition_penalty 1.05 (which bends repeated digits): set them all explicitly.
