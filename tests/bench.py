@@ -110,6 +110,10 @@ def bench_generate(real=False):
         ids = torch.cat([inputs["input_ids"], proc.ids[1:2].to(device)[None]], 1)
         t = timed(lambda: proc(ids, scores), 2000)
         print(f"  grammar alone at vocab {vocab}: {t * 1e6:.1f} us per step")
+    batch32 = [{"images": o, "task": t} for o, t in zip(obs(32), tasks(32))]
+    for dev in dict.fromkeys(["cpu", device]):  # predict runs the processor on the model's device
+        print(f"  processor (chat template + images -> tensors) at batch 32 on {dev}: "
+              f"{1e3 * timed(lambda: col.prompts(batch32, device=dev), 3):.1f} ms")
     print("  full predict (preprocess+generate+parse); static = --static_cache (compiled on GPU; first call compiles)")
     print("  cache   | batch | first call s | s per call | ms per observation | observations/s")
     for static in (False, True):
