@@ -650,7 +650,7 @@ def env_worker(conn, assets, e, out_dir):
 
 
 def episode_list(e):
-    """Every (suite, task_id, task text, episode, init state) this shard runs, in a fixed order."""
+    """Every (suite, task_id, task text, episode, init state) of the eval, all shards, in a fixed order."""
     from libero.libero import benchmark
     out = []
     for suite in STANDARD_SUITES if e.suite == "all" else [e.suite]:
@@ -661,7 +661,13 @@ def episode_list(e):
             n_init = len(bench.get_task_init_states(task_id))
             out += [(suite, task_id, bench.get_task(task_id).language, ep, ep % n_init)
                     for ep in range(e.episodes_per_task)]
-    return shard(out, e.shard_id, e.num_shards)
+    return out
+
+
+def read_results(path):
+    """The finished episodes in a results file; a half-written last line (killed, or a shard still writing) is not."""
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def results_table(results):
@@ -685,14 +691,13 @@ def evaluate_libero(ckpt, e, policy=None):
     from tqdm import tqdm
     policy = policy or Policy(ckpt, static_cache=e.static_cache)  # first: a bad checkpoint fails before any write
     assets = setup_libero(e.libero_assets)
-    episodes = episode_list(e)
+    all_episodes = episode_list(e)
+    episodes = shard(all_episodes, e.shard_id, e.num_shards)
     out_dir = Path(e.eval_dir or Path(ckpt) / "libero_eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / f"results_shard{e.shard_id}of{e.num_shards}.jsonl"
-    text = results_file.read_text() if results_file.exists() else ""
-    if not text.endswith("\n") and text:  # a run killed mid-write leaves half a line: drop it
-        results_file.write_text(text := text[: text.rfind("\n") + 1])
-    results = [json.loads(line) for line in text.splitlines()]
+    results = read_results(results_file)  # from an earlier run of this shard: skipped now
+    results_file.write_text("".join(json.dumps(r) + "\n" for r in results))  # drops a half-written line
     finished = {(r["suite"], r["task_id"], r["episode"]) for r in results}
     pending = deque(ep for ep in episodes if ep[:2] + ep[3:4] not in finished)
     ctx, conns, procs = mp.get_context("spawn"), [], []
@@ -748,10 +753,12 @@ def evaluate_libero(ckpt, e, policy=None):
         conn.send(None)
         proc.join(timeout=30)
     elapsed = time.time() - (t_start or time.time())
-    table, summary = results_table(results)
+    merged = [r for f in sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")) for r in read_results(f)]
+    table, summary = results_table(merged)  # every shard's finished episodes: the last shard to end sees them all
     (out_dir / "results.md").write_text(table + "\n")
-    (out_dir / "results.json").write_text(json.dumps({"per_suite": summary, "episodes": results}, indent=2))
+    (out_dir / "results.json").write_text(json.dumps({"per_suite": summary, "episodes": merged}, indent=2))
     print(table)
+    print(f"{len(merged)} of {len(all_episodes)} episodes finished, over the {e.num_shards} shard(s) in {out_dir}")
     print(f"{env_steps} env steps, {queries} policy queries in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} "
           f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}")
     return summary
