@@ -414,21 +414,21 @@ class VLATrainer(SFTTrainer):
         val = val_set and val_set.as_hf(e["eval_max_batches"] * kwargs["args"].per_device_eval_batch_size)
         super().__init__(*args, train_dataset=train_set.as_hf(), eval_dataset=val, data_collator=collator, **kwargs)
         self.val_set, self.run_config, self.stats = val_set, run_config, stats
-        self.n_evals, self.best_loss = 0, math.inf
         self.add_callback(SaveEveryEpochs(e["save_every_epochs"]))
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
         save_run_info(output_dir or self.args.output_dir, self.run_config, self.stats)
 
+    def val_losses(self):  # from the log history, which a resumed run restores (a counter would restart)
+        return [h["eval_loss"] for h in self.state.log_history if "eval_loss" in h]
+
     def evaluate(self, *args, **kwargs):
         metrics = super().evaluate(*args, **kwargs)
-        self.n_evals += 1
-        every = self.run_config["eval"]["gen_eval_every"]
-        if every and self.n_evals % every == 0:
+        losses, every = self.val_losses(), self.run_config["eval"]["gen_eval_every"]
+        if every and len(losses) % every == 0:
             self.log(self.generation_metrics())
-        if metrics.get("eval_loss", math.inf) < self.best_loss:
-            self.best_loss = metrics["eval_loss"]
+        if losses and losses[-1] < min(losses[:-1], default=math.inf):
             self.save_model(os.path.join(self.args.output_dir, "best"))
         return metrics
 
@@ -780,6 +780,19 @@ def make_trainer(m, d, e, targs):
                       collator=Collator(processor, d, len(stats["global"]["lo"])))
 
 
+def train_summary(trainer, final):
+    """The table printed when training ends: progress, last and best losses, the last generation eval, outputs."""
+    hist, best, losses = trainer.state.log_history, Path(trainer.args.output_dir) / "best", trainer.val_losses()
+    last = lambda key: next((f"{h[key]:.4g}" for h in reversed(hist) if key in h), "-")
+    rows = {"steps (epochs)": f"{trainer.state.global_step} ({trainer.state.epoch or 0:.2f})",
+            "train loss (last logged)": last("loss"),
+            "val loss (last / best)": f"{last('eval_loss')} / {f'{min(losses):.4g}' if losses else '-'}",
+            "val parse rate / mae / mse (last generation eval)": " / ".join(
+                last(f"val/{k}") for k in ("parse_rate", "mae", "mse")),
+            "final model": final, "best model (lowest val loss)": best if best.exists() else "-"}
+    return "\n".join(["| training run | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows.items())])
+
+
 def train(m, d, e, targs):
     final = Path(targs.output_dir) / "final"
     if final.exists() and not targs.resume_from_checkpoint:
@@ -789,6 +802,8 @@ def train(m, d, e, targs):
         save_run_info(targs.output_dir, trainer.run_config, trainer.stats)
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        print(train_summary(trainer, final))
     if e.eval_after_train and trainer.is_world_process_zero():
         e.episodes_per_task = e.eval_after_train_episodes
         evaluate_libero(final, e)

@@ -67,11 +67,40 @@ def test_resume_and_no_overwrite(tiny_model, dataset_v2, tmp_path):
     assert state["global_step"] == 6
 
 
+def test_resume_keeps_best_model_and_eval_cadence(tiny_model, dataset_v2, tmp_path):
+    """After a resume, best/ is judged against the val losses from before it, and gen_eval_every keeps counting."""
+    out = tmp_path / "run"
+    args = ("--eval_strategy", "steps", "--eval_steps", 2, "--save_strategy", "steps", "--save_steps", 2,
+            "--gen_eval_every", 2)
+    run_cli(*train_args(tiny_model, dataset_v2, out, *args, "--max_steps", 2))
+    best = (out / "best/model.safetensors").stat().st_mtime_ns
+    state_file = out / "checkpoint-2/trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert [h for h in state["log_history"] if "val/parse_rate" in h] == []  # 1st eval: no generation metrics
+    for h in state["log_history"]:  # as if the run before the resume had reached a far lower val loss
+        if "eval_loss" in h:
+            h["eval_loss"] = 0.0
+    state_file.write_text(json.dumps(state))
+    run_cli(*train_args(tiny_model, dataset_v2, out, *args, "--max_steps", 4, "--resume_from_checkpoint",
+                        out / "checkpoint-2"))
+    assert (out / "best/model.safetensors").stat().st_mtime_ns == best  # a worse val loss does not replace best/
+    history = json.loads((out / "checkpoint-4/trainer_state.json").read_text())["log_history"]
+    assert [h["eval_loss"] > 0 for h in history if "eval_loss" in h] == [False, True]
+    assert [h["step"] for h in history if "val/parse_rate" in h] == [4]  # the 2nd eval of the run, 1st since resume
+
+
 def test_v3_layout_trains(tiny_model, dataset_v3, tmp_path):
-    run_cli(*train_args(tiny_model, dataset_v3, tmp_path / "run", "--image_keys", "observation.images.image",
-                        "observation.images.image2", "--action_key", "action", "--eval_strategy", "no",
-                        "--max_steps", "2"))
-    assert (tmp_path / "run/final/model.safetensors").exists()
+    out = tmp_path / "run"
+    r = run_cli(*train_args(tiny_model, dataset_v3, out, "--image_keys", "observation.images.image",
+                            "observation.images.image2", "--action_key", "action", "--eval_strategy", "steps",
+                            "--eval_steps", "2", "--max_steps", "2"))
+    assert (out / "final/model.safetensors").exists()
+    # the run ends with a readable table: progress, losses, the generation eval, where the models are
+    table = r.stdout[r.stdout.index("| training run | |"):]
+    assert "| steps (epochs) | 2 (" in table and f"| final model | {out / 'final'} |" in table
+    assert f"| best model (lowest val loss) | {out / 'best'} |" in table
+    assert re.search(r"\| val loss \(last / best\) \| [\d.]+ / [\d.]+ \|", table)
+    assert re.search(r"\| val parse rate / mae / mse \(last generation eval\) \| 1 / [\d.]+ / [\d.]+ \|", table)
 
 
 def test_two_process_cpu_run(tiny_model, dataset_v2, tmp_path):
