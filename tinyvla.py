@@ -12,7 +12,7 @@ import re
 import sys
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -83,6 +83,8 @@ class EvalArgs:
     action_horizon: int = field(default=1, metadata={"help": "Query the policy every this many steps."})
     ensemble_window: int = field(default=10, metadata={"help": "Average the last this many chunks (1: none)."})
     ensemble_decay: float = field(default=0.0, metadata={"help": "Weight exp(-decay * age): 0 uniform, >0 newer."})
+    static_cache: bool = field(default=False, metadata={"help": "Generate with a static KV cache + torch.compile "
+                               "(CUDA graphs on GPU); the first call per batch bucket compiles."})
     save_video: bool = field(default=True, metadata={"help": "Write an mp4 per episode."})
     libero_assets: str = field(default="", metadata={"help": "Local LIBERO assets dir (or $LIBERO_ASSETS)."})
     eval_dir: str = field(default="", metadata={"help": "Results dir (default: <checkpoint>/libero_eval)."})
@@ -92,8 +94,6 @@ class EvalArgs:
     eval_after_train_episodes: int = field(default=5, metadata={"help": "Episodes per task after training."})
     gen_eval_every: int = field(default=1, metadata={"help": "Generation metrics every N evaluations (0: off)."})
     gen_eval_samples: int = field(default=30, metadata={"help": "Val samples decoded for generation metrics."})
-    static_cache: bool = field(default=False, metadata={"help": "Generate with a static KV cache + torch.compile "
-                               "(CUDA graphs on GPU); the first call per batch bucket compiles."})
     eval_max_batches: int = field(default=0, metadata={"help": "Val loss on this many batches (0: all of val)."})
     save_every_epochs: int = field(default=1, metadata={"help": "With save_strategy epoch: every N epochs."})
 
@@ -804,9 +804,8 @@ def train(m, d, e, targs):
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         print(train_summary(trainer, final))
-    if e.eval_after_train and trainer.is_world_process_zero():
-        e.episodes_per_task = e.eval_after_train_episodes
-        evaluate_libero(final, e)
+        if e.eval_after_train:
+            evaluate_libero(final, replace(e, episodes_per_task=e.eval_after_train_episodes))
     return trainer
 
 
