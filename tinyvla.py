@@ -123,14 +123,12 @@ def parse_args(argv=None):
         margs, dargs, eargs, targs = parser.parse_args_and_config(argv)
     except (ValueError, OSError) as e:  # TrlParser: unknown yaml keys, a missing or malformed config file
         raise TinyVLAError(str(e).split(". Please")[0]) from None
-    for args in (margs, dargs, eargs):
+    for args in (margs, dargs, eargs):  # yaml values skip argparse's type conversion: check them all here
         for f in fields(args):
-            value, kind = getattr(args, f.name), f.type
-            ok = isinstance(value, list) if str(kind).startswith("list") else (
-                isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
-                isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
-            if not ok:
-                raise TinyVLAError(f"{f.name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+            value, kind = getattr(args, f.name), list if str(f.type).startswith("list") else f.type
+            if not isinstance(value, (int, float) if kind is float else kind) or (  # an int is a fine float
+                    isinstance(value, bool) and kind is not bool):  # but True is no number
+                raise TinyVLAError(f"{f.name} must be {kind.__name__}, got {value!r}")
     choices = {"action_norm": ("global", "per_task"),
                "suite": (*SUITE_MAX_STEPS, "all"), "train_suite": ("", *SUITE_MAX_STEPS)}
     for name, allowed in choices.items():

@@ -32,6 +32,9 @@ def test_repo_config_yaml_parses():
     ({"horizn": 8}, "horizn"),
     ({"lora_r": 3.5}, "lora_r must be int"),
     ({"tile_images": 3}, "tile_images must be bool"),
+    ({"horizon": True}, "horizon must be int"),
+    ({"crop_ratio": [0.9]}, "crop_ratio must be float"),
+    ({"image_keys": "image"}, "image_keys must be list"),
     ({"action_norm": "per_episode"}, "action_norm must be one of"),
     ({"learning_rate": "fast"}, "learning_rate"),
 ])
@@ -40,6 +43,13 @@ def test_bad_yaml_fails(tmp_path, content, message):
     cfg.write_text(yaml.safe_dump(content))
     with pytest.raises(tinyvla.TinyVLAError, match=message):
         tinyvla.parse_args(["--config", str(cfg)])
+
+
+def test_yaml_int_is_a_fine_float(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"crop_ratio": 1, "val_ratio": 0}))
+    d = tinyvla.parse_args(["--config", str(cfg)])[1]
+    assert d.crop_ratio == 1 and d.val_ratio == 0
 
 
 def test_bad_flag_fails_without_abbreviation():
