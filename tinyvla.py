@@ -4,7 +4,9 @@
     python tinyvla.py --eval runs/vla0/final --suite libero_spatial   # evaluate a checkpoint in the LIBERO sim
 """
 
+import fcntl
 import json
+import logging
 import math
 import os
 import random
@@ -15,9 +17,11 @@ from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import numpy as np
 import torch
+import yaml
 from transformers import (AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor,
                           TrainerCallback)
 from trl import SFTConfig, SFTTrainer, TrlParser
@@ -39,63 +43,119 @@ ENV_SEED, CAMERA_RES = 7, 256
 PROMPT_BUCKET = 64  # static_cache: prompts are left-padded to a multiple of this, so few shapes get compiled
 
 
+# Library messages that are no business of the user's: robosuite's advice on private macro files at import, a CPU
+# kernel bitsandbytes tries to fetch from the hub, a name PEFT reads that transformers deprecated.
+logging.getLogger("robosuite_logs").addFilter(lambda record: "macro" not in record.getMessage())
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.msg)
+warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+
+
 class TinyVLAError(Exception):
     """A user-facing problem: main() prints it as one line and exits non-zero."""
 
 
-@dataclass
-class ModelArgs:
-    model_id: str = field(default="Qwen/Qwen2.5-VL-3B-Instruct", metadata={"help": "Hub id or local dir of the VLM."})
-    dtype: str = field(default="bfloat16", metadata={"help": "Weights dtype: bfloat16, float16 or float32."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, flash_attention_2 or eager."})
-    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+def arg(default, help, valid=""):
+    """A config field (a flag and a yaml key): default, --help text, and the interval its value must lie in, which
+    --help shows and Checked enforces."""
+    help += f" In {valid}." if valid else ""
+    return field(default_factory=lambda: list(default), metadata={"help": help}) if isinstance(default, list) \
+        else field(default=default, metadata={"help": help})
+
+
+def in_interval(value, interval):  # "[1, inf)", "(0, 1]": brackets include the end, parentheses exclude it
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return (lo <= value if interval[0] == "[" else lo < value) and (value <= hi if interval[-1] == "]" else value < hi)
+
+
+class Checked:
+    """Every option is checked when parsed, before anything is written: yaml values skip argparse's conversion
+    and choices, so types and Literal choices are checked here too, with each field's interval."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            value, kind, valid = getattr(self, f.name), f.type, re.search(r" In (\S+, \S+)\.$", f.metadata["help"])
+            if get_origin(kind) is Literal:
+                if value not in get_args(kind):
+                    raise TinyVLAError(f"{f.name} must be one of {', '.join(map(repr, get_args(kind)))}, got {value!r}")
+                continue
+            kind = get_origin(kind) or kind
+            if not isinstance(value, (int, float) if kind is float else kind) or (  # an int is a fine float
+                    isinstance(value, bool) and kind is not bool):  # but True is no number
+                raise TinyVLAError(f"{f.name} must be {kind.__name__}, got {value!r}")
+            if valid and not in_interval(value, valid[1]):
+                raise TinyVLAError(f"{f.name} must be in {valid[1]}, got {value!r}")
 
 
 @dataclass
-class DataArgs:
-    repo_id: str = field(default="physical-intelligence/libero", metadata={"help": "LeRobot dataset: hub id or dir."})
-    image_keys: list[str] = field(default_factory=lambda: ["image", "wrist_image"],
-                                  metadata={"help": "Camera features: agent view, then wrist."})
-    action_key: str = field(default="actions", metadata={"help": "Action feature (v3.0 layout: action)."})
-    train_suite: str = field(default="", metadata={"help": "Train on one LIBERO suite's tasks only (empty: all)."})
-    val_ratio: float = field(default=0.1, metadata={"help": "Fraction of episodes held out for validation."})
-    horizon: int = field(default=8, metadata={"help": "Actions predicted per observation."})
-    num_bins: int = field(default=1000, metadata={"help": "Actions are integers 0..num_bins."})
-    action_norm: str = field(default="global", metadata={"help": "Action bounds: global or per_task."})
-    img_size: int = field(default=224, metadata={"help": "Side of each camera image after crop+resize."})
-    crop_ratio: float = field(default=0.875, metadata={"help": "Crop side / image side (random at train)."})
-    color_jitter: bool = field(default=True, metadata={"help": "Brightness/contrast/saturation 0.2, hue 0.05."})
-    tile_images: bool = field(default=True, metadata={"help": "Tile the cameras side by side into one image."})
-    action_mask_aug_pct: float = field(default=0.4, metadata={"help": "Max fraction of answer digits masked."})
+class ModelArgs(Checked):
+    model_id: str = arg("Qwen/Qwen2.5-VL-3B-Instruct", "Hub id or local dir of the VLM.")
+    dtype: Literal["bfloat16", "float16", "float32"] = arg("bfloat16", "Weights dtype.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "flash_attention_3", "eager"] = arg(
+        "sdpa", "Attention kernel.")
+    use_lora: bool = arg(False, "Train LoRA adapters instead of all weights.")
+    lora_r: int = arg(32, "LoRA rank.", "[1, inf)")
+    lora_alpha: int = arg(64, "LoRA alpha.", "[1, inf)")
+    lora_dropout: float = arg(0.05, "LoRA dropout.", "[0, 1)")
 
 
 @dataclass
-class EvalArgs:
-    eval: str = field(default="", metadata={"help": "Checkpoint dir to evaluate in LIBERO (skips training)."})
-    suite: str = field(default="libero_spatial", metadata={"help": f"{', '.join(SUITE_MAX_STEPS)} or all."})
-    task_ids: list[int] = field(default_factory=list, metadata={"help": "Only these task ids (default: all)."})
-    episodes_per_task: int = field(default=50, metadata={"help": "Episodes per task (init states 0..N-1)."})
-    episode_max_steps: int = field(default=0, metadata={"help": "Steps per episode; 0: the suite's standard limit."})
-    num_envs: int = field(default=8, metadata={"help": "Simulators in parallel worker processes."})
-    action_horizon: int = field(default=1, metadata={"help": "Query the policy every this many steps."})
-    ensemble_window: int = field(default=10, metadata={"help": "Average the last this many chunks (1: none)."})
-    ensemble_decay: float = field(default=0.0, metadata={"help": "Weight exp(-decay * age): 0 uniform, >0 newer."})
-    static_cache: bool = field(default=False, metadata={"help": "Generate with a static KV cache + torch.compile "
-                               "(CUDA graphs on GPU); the first call per batch bucket compiles."})
-    save_video: bool = field(default=True, metadata={"help": "Write an mp4 per episode."})
-    libero_assets: str = field(default="", metadata={"help": "Local LIBERO assets dir (or $LIBERO_ASSETS)."})
-    eval_dir: str = field(default="", metadata={"help": "Results dir (default: <checkpoint>/libero_eval)."})
-    shard_id: int = field(default=0, metadata={"help": "This worker's share of the episodes."})
-    num_shards: int = field(default=1, metadata={"help": "Split the episodes across this many workers."})
-    eval_after_train: bool = field(default=False, metadata={"help": "Run the LIBERO eval on the final model."})
-    eval_after_train_episodes: int = field(default=5, metadata={"help": "Episodes per task after training."})
-    gen_eval_every: int = field(default=1, metadata={"help": "Generation metrics every N evaluations (0: off)."})
-    gen_eval_samples: int = field(default=30, metadata={"help": "Val samples decoded for generation metrics."})
-    eval_max_batches: int = field(default=0, metadata={"help": "Val loss on this many batches (0: all of val)."})
-    save_every_epochs: int = field(default=1, metadata={"help": "With save_strategy epoch: every N epochs."})
+class DataArgs(Checked):
+    repo_id: str = arg("physical-intelligence/libero", "LeRobot dataset: hub id or dir.")
+    image_keys: list[str] = arg(["image", "wrist_image"], "Camera features: agent view, then wrist.")
+    action_key: str = arg("actions", "Action feature (v3.0 layout: action).")
+    train_suite: Literal[("", *SUITE_MAX_STEPS)] = arg("", "Train on one LIBERO suite's tasks only (empty: all).")
+    val_ratio: float = arg(0.1, "Fraction of episodes held out for validation.", "[0, 1)")
+    horizon: int = arg(8, "Actions predicted per observation.", "[1, inf)")
+    num_bins: int = arg(1000, "Actions are integers 0..num_bins.", "[1, 9999]")  # 4 digits: max_answer_tokens
+    action_norm: Literal["global", "per_task"] = arg("global", "Action bounds over all tasks, or per task.")
+    img_size: int = arg(224, "Side of each camera image after crop+resize.", "[28, inf)")  # one 28 px ViT patch
+    crop_ratio: float = arg(0.875, "Crop side / image side (random at train).", "(0, 1]")
+    color_jitter: bool = arg(True, "Brightness/contrast/saturation 0.2, hue 0.05.")
+    tile_images: bool = arg(True, "Tile the cameras side by side into one image.")
+    action_mask_aug_pct: float = arg(0.4, "Max fraction of answer digits masked.", "[0, 1)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.image_keys) not in (1, 2):
+            raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
+
+
+@dataclass
+class EvalArgs(Checked):
+    eval: str = arg("", "Checkpoint dir to evaluate in LIBERO (skips training).")
+    suite: Literal[(*SUITE_MAX_STEPS, "all")] = arg("libero_spatial", "A LIBERO suite, or all four standard ones.")
+    task_ids: list[int] = arg([], "Only these task ids (default: all).")
+    episodes_per_task: int = arg(50, "Episodes per task (init states 0..N-1).", "[1, inf)")
+    episode_max_steps: int = arg(0, "Steps per episode; 0: the suite's standard limit.", "[0, inf)")
+    num_envs: int = arg(8, "Simulators in parallel worker processes.", "[1, inf)")
+    action_horizon: int = arg(1, "Query the policy every this many steps.", "[1, inf)")
+    ensemble_window: int = arg(10, "Average the last this many chunks (1: none).", "[1, inf)")
+    ensemble_decay: float = arg(0.0, "Weight exp(-decay * age): 0 uniform, >0 newer.", "[0, inf)")
+    static_cache: bool = arg(False, "Generate with a static KV cache + torch.compile (CUDA graphs on GPU); the "
+                             "first call per batch bucket compiles.")
+    save_video: bool = arg(True, "Write an mp4 per episode.")
+    libero_assets: str = arg("", "Local LIBERO assets dir (or $LIBERO_ASSETS).")
+    eval_dir: str = arg("", "Results dir (default: <checkpoint>/libero_eval).")
+    shard_id: int = arg(0, "This worker's share of the episodes.", "[0, inf)")
+    num_shards: int = arg(1, "Split the episodes across this many workers.", "[1, inf)")
+    eval_after_train: bool = arg(False, "Run the LIBERO eval on the final model.")
+    eval_after_train_episodes: int = arg(5, "Episodes per task after training.", "[1, inf)")
+    gen_eval_every: int = arg(1, "Generation metrics every N evaluations (0: off).", "[0, inf)")
+    gen_eval_samples: int = arg(30, "Val samples decoded for generation metrics.", "[1, inf)")
+    eval_max_batches: int = arg(0, "Val loss on this many batches (0: all of val).", "[0, inf)")
+    save_every_epochs: int = arg(1, "With save_strategy epoch: every N epochs.", "[1, inf)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.shard_id >= self.num_shards:
+            raise TinyVLAError(f"shard_id must be in [0, {self.num_shards - 1}] for num_shards {self.num_shards}, "
+                               f"got {self.shard_id}")
+
+
+# TRL/transformers fields whose bad values would only fail mid-run (or, for batch 0, after files were written)
+TRAIN_VALID = {"per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",
+               "gradient_accumulation_steps": "[1, inf)", "learning_rate": "[0, inf)", "num_train_epochs": "(0, inf)",
+               "max_grad_norm": "[0, inf)", "dataloader_num_workers": "[0, inf)"}
 
 
 class Parser(TrlParser):
@@ -108,12 +168,13 @@ def make_parser():
     parser.set_defaults(  # project defaults for TRL fields; config.yaml and flags still override them
         output_dir="runs/tinyvla", eval_strategy="epoch", save_strategy="epoch", logging_steps=10, report_to="none",
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
+        gradient_checkpointing=None,  # TRL's default (True) sets a name transformers deprecates: it warned each run
         bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())  # so CPU-only machines just work
     return parser
 
 
 def parse_args(argv=None):
-    """defaults < --config yaml < CLI; then type checks and the derived values, computed once here."""
+    """defaults < --config yaml < CLI; every value checked; then the derived values, computed once here."""
     argv, parser = list(sys.argv[1:] if argv is None else argv), make_parser()
     saved = Path(argv[argv.index("--eval") + 1], RUN_CONFIG) if "--eval" in argv[:-1] else None
     if saved and saved.exists():  # the checkpoint's eval settings become the defaults; yaml and flags still win
@@ -121,31 +182,48 @@ def parse_args(argv=None):
             "eval", "eval_dir", "shard_id", "num_shards", "eval_after_train")})
     try:
         margs, dargs, eargs, targs = parser.parse_args_and_config(argv)
-    except (ValueError, OSError) as e:  # TrlParser: unknown yaml keys, a missing or malformed config file
-        raise TinyVLAError(str(e).split(". Please")[0]) from None
-    for args in (margs, dargs, eargs):  # yaml values skip argparse's type conversion: check them all here
-        for f in fields(args):
-            value, kind = getattr(args, f.name), list if str(f.type).startswith("list") else f.type
-            if not isinstance(value, (int, float) if kind is float else kind) or (  # an int is a fine float
-                    isinstance(value, bool) and kind is not bool):  # but True is no number
-                raise TinyVLAError(f"{f.name} must be {kind.__name__}, got {value!r}")
-    choices = {"action_norm": ("global", "per_task"),
-               "suite": (*SUITE_MAX_STEPS, "all"), "train_suite": ("", *SUITE_MAX_STEPS)}
-    for name, allowed in choices.items():
-        value = getattr(dargs if hasattr(dargs, name) else eargs, name)
-        if value not in allowed:
-            raise TinyVLAError(f"{name} must be one of {', '.join(a or repr(a) for a in allowed)}, got {value!r}")
-    if len(dargs.image_keys) not in (1, 2):
-        raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
-    if not 0 <= dargs.action_mask_aug_pct < 1 or not 0 <= dargs.val_ratio < 1:
-        raise TinyVLAError("action_mask_aug_pct and val_ratio must be in [0, 1)")
-    if eargs.save_every_epochs < 1 or eargs.eval_max_batches < 0:
-        raise TinyVLAError("save_every_epochs must be >= 1 and eval_max_batches >= 0")
-    if not 0 <= eargs.shard_id < eargs.num_shards:
-        raise TinyVLAError(f"shard_id must be in 0..{eargs.num_shards - 1}")
+    except (ValueError, OSError, yaml.YAMLError) as e:  # TrlParser: unknown yaml keys, a bad or missing config file
+        raise TinyVLAError(str(e).split(". Please")[0].replace("\n", " ")) from None
+    for name, valid in TRAIN_VALID.items():
+        if not in_interval(getattr(targs, name), valid):
+            raise TinyVLAError(f"{name} must be in {valid}, got {getattr(targs, name)!r}")
     if dargs.val_ratio == 0:
         targs.eval_strategy = "no"  # nothing to evaluate on
+    if not eargs.eval:
+        targs.resume_from_checkpoint = resume_point(targs.output_dir, targs.resume_from_checkpoint)
     return margs, dargs, eargs, targs
+
+
+def is_complete(ckpt):
+    """The Trainer writes trainer_state.json after the weights, optimizer and RNG states: a checkpoint whose state
+    does not parse was cut short (a kill during the save)."""
+    try:
+        return "global_step" in json.loads(Path(ckpt, "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def resume_point(output_dir, resume):
+    """--resume_from_checkpoint as a complete checkpoint dir or None; "last": the newest complete one in output_dir.
+    A dir that already holds checkpoints is never trained over from step 0."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise TinyVLAError(f"output_dir {out} is a file; choose a directory")
+    ckpts = sorted((c for c in out.glob("checkpoint-*") if c.name[11:].isdigit()), key=lambda c: int(c.name[11:]))
+    complete = [c for c in ckpts if is_complete(c)]
+    if resume == "last":
+        if not complete:
+            raise TinyVLAError(f"no complete checkpoint in {out} to resume from; drop --resume_from_checkpoint")
+        for c in ckpts[ckpts.index(complete[-1]) + 1:]:
+            warnings.warn(f"{c} is incomplete (the run was killed while saving it): resuming from {complete[-1]}")
+        return str(complete[-1])
+    if resume and not is_complete(resume):
+        raise TinyVLAError(f"resume_from_checkpoint {resume} is not a complete checkpoint (missing, or cut short by a "
+                           f"kill while saving); use --resume_from_checkpoint last for the newest complete one")
+    if not resume and ckpts:
+        raise TinyVLAError(f"{out} already holds checkpoints; add --resume_from_checkpoint last to continue the run, "
+                           "or choose another --output_dir")
+    return resume
 
 
 def image_pixels(d):
@@ -187,6 +265,7 @@ def suite_tasks(suite):
 def load_lerobot(repo_id, keys):
     """A LeRobot v2.x/v3.0 dataset as (datasets.Dataset, task strings by task_index); checks the features."""
     import datasets
+    import pyarrow.parquet as pq
     root = Path(repo_id)
     if not root.exists():
         from huggingface_hub import snapshot_download
@@ -210,6 +289,11 @@ def load_lerobot(repo_id, keys):
         df = pd.read_parquet(root / "meta/tasks.parquet")
         tasks = dict(zip(df["task_index"], df.index))
     files = sorted(str(f) for f in root.glob("data/*/*.parquet"))
+    for f in files:  # a truncated download fails here with its name, not deep inside datasets
+        try:
+            pq.read_metadata(f)
+        except Exception as err:
+            raise TinyVLAError(f"{f} is not a readable parquet file ({err}); download it again") from None
     ds = datasets.load_dataset("parquet", data_files=files, split="train")
     return ds.select_columns([*keys, "episode_index", "frame_index", "task_index"]), tasks
 
@@ -311,6 +395,10 @@ def build_datasets(d, seed):
     episodes = meta["episode_index"][order]
     actions = np.asarray(ds.select_columns([d.action_key]).with_format("numpy")[d.action_key], np.float64)[order]
     tasks = np.array([task_names[t] for t in meta["task_index"][order]], dtype=object)
+    bad = np.flatnonzero(~np.isfinite(actions).all(1))
+    if len(bad):
+        raise TinyVLAError(f"{d.repo_id}: {d.action_key} is NaN or inf in {len(bad)} frames, the first in episode "
+                           f"{episodes[bad[0]]} frame {meta['frame_index'][order][bad[0]]}; fix or drop those episodes")
     starts = np.flatnonzero(np.r_[True, episodes[1:] != episodes[:-1]])
     ep_end = np.repeat(np.r_[starts[1:], len(order)], np.diff(np.r_[starts, len(order)]))
     ep_ids = episodes[starts]
@@ -417,6 +505,19 @@ class VLATrainer(SFTTrainer):
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
         save_run_info(output_dir or self.args.output_dir, self.run_config, self.stats)
+
+    def _load_from_checkpoint(self, checkpoint, model=None):
+        # transformers 5 saves Qwen2.5-VL under its original key names and the Trainer loads them back unconverted
+        # and non-strictly (transformers#43701): the weights silently stay at the base model. from_pretrained
+        # converts the names; strict loading makes any other mismatch an error.
+        model = model or self.model
+        if hasattr(model, "peft_config"):  # LoRA: PEFT loads the adapter itself
+            return super()._load_from_checkpoint(checkpoint, model)
+        saved = type(model).from_pretrained(checkpoint, dtype=model.dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
+
+    def _load_best_model(self):  # load_best_model_at_end: the same loading problem, the same fix
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def val_losses(self):  # from the log history, which a resumed run restores (a counter would restart)
         return [h["eval_loss"] for h in self.state.log_history if "eval_loss" in h]
@@ -581,7 +682,6 @@ def setup_libero(assets=""):
         raise TinyVLAError(f"libero_assets {assets} is not LIBERO's assets dir (no scenes/ in it); fix the path")
     cfg_dir = Path(os.environ.setdefault("LIBERO_CONFIG_PATH", str(Path.home() / ".libero")))
     if not (cfg_dir / "config.yaml").exists():
-        import yaml
         cfg_dir.mkdir(parents=True, exist_ok=True)
         paths = {"benchmark_root": root, "bddl_files": root / "bddl_files", "init_states": root / "init_files",
                  "datasets": root.parent / "datasets", "assets": assets or root / "assets"}
@@ -662,10 +762,16 @@ def episode_list(e):
     return out
 
 
-def read_results(path):
-    """The finished episodes in a results file; a half-written last line (killed, or a shard still writing) is not."""
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+def episode_key(r):
+    return r["suite"], r["task_id"], r["episode"]
+
+
+def read_results(*paths):
+    """The finished episodes in results files, each once; a half-written last line (killed, or a shard still
+    writing) is not one."""
+    texts = [path.read_text() if path.exists() else "" for path in paths]
+    rows = [json.loads(line) for text in texts for line in text[: text.rfind("\n") + 1].splitlines()]
+    return list({episode_key(r): r for r in reversed(rows)}.values())[::-1]  # the first of duplicates, in order
 
 
 def results_table(results):
@@ -688,15 +794,23 @@ def evaluate_libero(ckpt, e, policy=None):
     from multiprocessing.connection import wait as mp_wait
     from tqdm import tqdm
     policy = policy or Policy(ckpt, static_cache=e.static_cache)  # first: a bad checkpoint fails before any write
+    if e.action_horizon > policy.d.horizon:
+        raise TinyVLAError(f"action_horizon {e.action_horizon} is longer than the policy's chunks ({policy.d.horizon})")
     assets = setup_libero(e.libero_assets)
     all_episodes = episode_list(e)
     episodes = shard(all_episodes, e.shard_id, e.num_shards)
     out_dir = Path(e.eval_dir or Path(ckpt) / "libero_eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / f"results_shard{e.shard_id}of{e.num_shards}.jsonl"
+    lock = open(results_file, "a")  # held until the process ends: one eval per results file
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise TinyVLAError(f"another eval is writing {results_file}; wait for it to end, or give this one another "
+                           "--eval_dir or --shard_id") from None
     results = read_results(results_file)  # from an earlier run of this shard: skipped now
-    results_file.write_text("".join(json.dumps(r) + "\n" for r in results))  # drops a half-written line
-    finished = {(r["suite"], r["task_id"], r["episode"]) for r in results}
+    results_file.write_text("".join(json.dumps(r) + "\n" for r in results))  # drops duplicates, a half-written line
+    finished = {episode_key(r) for r in results}
     pending = deque(ep for ep in episodes if ep[:2] + ep[3:4] not in finished)
     ctx, conns, procs = mp.get_context("spawn"), [], []
     for _ in range(min(e.num_envs, len(pending))):
@@ -723,7 +837,11 @@ def evaluate_libero(ckpt, e, policy=None):
         ready = ready or [i for i in resetting if conns[i] in mp_wait([conns[j] for j in resetting])]
         asking, images = [], []
         for i in ready:
-            kind, payload = conns[i].recv()
+            try:
+                kind, payload = conns[i].recv()
+            except (EOFError, OSError):  # the worker process died (killed, out of memory, a crash in MuJoCo)
+                procs[i].join(5)
+                kind, payload = "error", f"its worker process died (exit code {procs[i].exitcode})"
             if kind == "error":
                 suite, task_id, _, episode, _ = running[i]
                 raise TinyVLAError(f"the simulator failed in {suite} task {task_id} episode {episode}: {payload} "
@@ -751,7 +869,9 @@ def evaluate_libero(ckpt, e, policy=None):
         conn.send(None)
         proc.join(timeout=30)
     elapsed = time.time() - (t_start or time.time())
-    merged = [r for f in sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")) for r in read_results(f)]
+    wanted = {ep[:2] + ep[3:4] for ep in all_episodes}  # this eval's episodes, each counted once over all shards
+    merged = [r for r in read_results(*sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")))
+              if episode_key(r) in wanted]
     table, summary = results_table(merged)  # every shard's finished episodes: the last shard to end sees them all
     (out_dir / "results.md").write_text(table + "\n")
     (out_dir / "results.json").write_text(json.dumps({"per_suite": summary, "episodes": merged}, indent=2))

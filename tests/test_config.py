@@ -55,7 +55,7 @@ def test_yaml_int_is_a_fine_float(tmp_path):
 def test_bad_flag_fails_without_abbreviation():
     with pytest.raises(tinyvla.TinyVLAError, match="not used.*--lr"):
         tinyvla.parse_args(["--lr", "1e-4"])  # no silent prefix match to --lr_scheduler_type
-    with pytest.raises(tinyvla.TinyVLAError, match="suite must be one of"):
+    with pytest.raises(tinyvla.TinyVLAError, match="--suite: invalid choice: .libero_100."):
         tinyvla.parse_args(["--suite", "libero_100"])
 
 

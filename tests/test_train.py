@@ -3,8 +3,10 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 from conftest import QWEN_DIR, ROOT, needs_shared, train_args
 
 import tiny
@@ -58,13 +60,77 @@ def test_resume_and_no_overwrite(tiny_model, dataset_v2, tmp_path):
     run_cli(*args)
     before = (out / "final/model.safetensors").stat().st_mtime_ns
     r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "already exists" in r.stderr.splitlines()[-1]
+    assert r.returncode != 0 and "already holds checkpoints" in r.stderr.splitlines()[-1]
     assert (out / "final/model.safetensors").stat().st_mtime_ns == before
     run_cli(*train_args(tiny_model, dataset_v2, out, "--eval_strategy", "no", "--max_steps", "6",
                         "--resume_from_checkpoint", out / "checkpoint-4"))
     state = json.loads((out / "final/trainer_state.json").read_text()) if (out / "final/trainer_state.json").exists() \
         else json.loads(max(out.glob("checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime).read_text())
     assert state["global_step"] == 6
+
+
+def weights(path):
+    """Every saved tensor of a checkpoint: the model, or the LoRA adapter."""
+    from safetensors.torch import load_file
+    return load_file(next(f for f in (path / "model.safetensors", path / "adapter_model.safetensors") if f.exists()))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_restores_the_saved_weights(lora, tiny_model, dataset_v2, tmp_path):
+    """A resumed run continues from the checkpoint's weights, not from the base model (transformers#43701)."""
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    args = ("--use_lora", lora, "--save_strategy", "steps", "--save_steps", 2, "--eval_strategy", "no")
+    run_cli(*train_args(tiny_model, dataset_v2, first, *args))
+    # nothing left to train (the linear schedule is at lr 0): final/ must be exactly checkpoint-4
+    run_cli(*train_args(tiny_model, dataset_v2, resumed, *args, "--resume_from_checkpoint", first / "checkpoint-4"))
+    saved, final, base = weights(first / "checkpoint-4"), weights(resumed / "final"), weights(tiny_model)
+    assert saved.keys() == final.keys()
+    assert all(torch.equal(saved[k], final[k]) for k in saved)
+    if not lora:
+        assert any(not torch.equal(saved[k], base[k]) for k in saved)  # training did move the weights
+
+
+def test_best_model_reload_restores_the_saved_weights(trained_run):
+    """load_best_model_at_end goes through the same loading as a resume."""
+    out, trainer = trained_run
+    trainer.state.best_model_checkpoint = str(out / "checkpoint-2")
+    trainer._load_best_model()
+    from transformers import AutoModelForImageTextToText
+    saved = AutoModelForImageTextToText.from_pretrained(out / "checkpoint-2").state_dict()
+    assert saved.keys() == trainer.model.state_dict().keys()
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in saved.items())
+    assert not torch.equal(weights(out / "checkpoint-2")["model.norm.weight"],
+                           weights(out / "checkpoint-4")["model.norm.weight"])
+
+
+def test_kill_during_save_resumes_from_the_last_complete_checkpoint(tiny_model, dataset_v2, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(tiny_model, dataset_v2, out, "--max_steps", 500, "--save_strategy", "steps", "--save_steps", 1,
+                      "--eval_strategy", "no")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tinyvla.py"), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline, partial = time.time() + 300, None
+    while partial is None and time.time() < deadline and proc.poll() is None:  # a checkpoint being written
+        partial = next((c for c in out.glob("checkpoint-*") if int(c.name[11:]) >= 4 and
+                        not (c / "trainer_state.json").exists()), None)
+    proc.kill()  # SIGKILL, in the middle of writing `partial`
+    proc.wait()
+    assert partial is not None and not tinyvla.is_complete(partial)
+    complete = max((c for c in out.glob("checkpoint-*") if tinyvla.is_complete(c)), key=lambda c: int(c.name[11:]))
+    step = int(complete.name[11:])
+    assert step == int(partial.name[11:]) - 1
+    for extra, message in ((), "already holds checkpoints; add --resume_from_checkpoint last"),\
+            (("--resume_from_checkpoint", partial), "is not a complete checkpoint"):
+        r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args, *extra], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode != 0 and message in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
+    assert tinyvla.resume_point(out, "last") == str(complete)
+    # transformers takes one step when resumed at max_steps: final/ is one step from `complete`, `step` from the base
+    r = run_cli(*args, "--resume_from_checkpoint", "last", "--max_steps", step)
+    assert f"{partial} is incomplete" in r.stderr
+    final, saved, base = weights(out / "final"), weights(complete), weights(tiny_model)
+    dist = lambda a, b: sum(float((a[k] - b[k]).norm()) for k in a)
+    assert dist(final, saved) < 0.5 * dist(final, base)
 
 
 def test_resume_keeps_best_model_and_eval_cadence(tiny_model, dataset_v2, tmp_path):
