@@ -817,6 +817,7 @@ def evaluate_libero(ckpt, e, policy=None):
         a, b = ctx.Pipe()
         procs.append(ctx.Process(target=env_worker, args=(b, assets, e, out_dir), daemon=True))
         procs[-1].start()
+        b.close()  # the worker's end lives in the worker now: its death reads as EOF here, not as a hang
         conns.append(a)
     running, stepping = [None] * len(conns), [False] * len(conns)  # per env: its episode; has it sent an obs yet
     bar = tqdm(total=len(pending), desc=f"LIBERO {e.suite}", unit="ep")

@@ -69,3 +69,68 @@ def test_cli_error_is_one_line_nonzero_and_writes_nothing(tmp_path):
         assert r.returncode != 0 and len(lines) == 1, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def snapshot(root):
+    return sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+BAD_INPUTS = [  # (flags, what the one line must say); each is checked before anything is written
+    (["--horizon", "0"], "horizon must be in [1, inf), got 0"),
+    (["--horizon", "-1"], "horizon must be in [1, inf), got -1"),
+    (["--num_bins", "0"], "num_bins must be in [1, 9999], got 0"),
+    (["--img_size", "0"], "img_size must be in [28, inf), got 0"),
+    (["--crop_ratio", "0"], "crop_ratio must be in (0, 1], got 0"),
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be in [1, inf), got 0"),
+    (["--dtype", "float64x"], "argument --dtype: invalid choice: 'float64x'"),
+    (["--num_envs", "0"], "num_envs must be in [1, inf), got 0"),
+    (["--episodes_per_task", "0"], "episodes_per_task must be in [1, inf), got 0"),
+    (["--num_shards", "0"], "num_shards must be in [1, inf), got 0"),
+    (["--shard_id", "2", "--num_shards", "2"], "shard_id must be in [0, 1] for num_shards 2, got 2"),
+    (["--action_horizon", "0"], "action_horizon must be in [1, inf), got 0"),
+    (["--ensemble_window", "0"], "ensemble_window must be in [1, inf), got 0"),
+    (["--image_keys", "a", "b", "c"], "image_keys takes one or two camera features"),
+    (["--config", "{bad_yaml}"], "while parsing"),
+    (["--config", "{missing}"], "No such file"),
+    (["--resume_from_checkpoint", "{missing}"], "is not a complete checkpoint"),
+    (["--output_dir", "{a_file}"], "is a file; choose a directory"),
+    (["--repo_id", "{truncated}"], "is not a readable parquet file"),
+    (["--repo_id", "{nan_actions}"], "actions is NaN or inf in 1 frames, the first in episode 2 frame 5"),
+    (["--repo_id", "{missing}"], "is not a local dir and could not be downloaded"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_INPUTS, ids=[" ".join(f) for f, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_before_anything_is_written(flags, message, tmp_path, tiny_model, dataset_v2, capsys):
+    import shutil
+    work = tmp_path / "work"  # everything the command may touch lives here
+    work.mkdir()
+    (work / "bad.yaml").write_text("horizon: [8\nlr: 1")
+    (work / "a_file").write_text("not a dir")
+    for name in ("truncated", "nan_actions"):
+        shutil.copytree(dataset_v2, work / name)
+    parquet = work / "truncated/data/chunk-000/episode_000003.parquet"
+    parquet.write_bytes(parquet.read_bytes()[:3000])
+    import pyarrow.parquet as pq
+    path = work / "nan_actions/data/chunk-000/episode_000002.parquet"
+    table = pq.read_table(path).to_pydict()
+    table["actions"][5][3] = float("nan")
+    pq.write_table(pq.read_table(path).from_pydict(table, schema=pq.read_schema(path)), path)
+    names = {"bad_yaml": work / "bad.yaml", "missing": work / "missing", "a_file": work / "a_file",
+             "truncated": work / "truncated", "nan_actions": work / "nan_actions"}
+    flags = [f.format(**names) for f in flags]
+    argv = ["--model_id", str(tiny_model), "--repo_id", str(dataset_v2), "--output_dir", str(work / "run"),
+            "--dtype", "float32", *flags]
+    before = snapshot(work)
+    with pytest.raises(SystemExit) as exit_:
+        tinyvla.main(argv)
+    line = str(exit_.value.code)
+    assert line.startswith("tinyvla: error: ") and "\n" not in line and message in line, line
+    assert snapshot(work) == before
+
+
+def test_action_horizon_longer_than_the_chunks_is_one_line(trained_run, tmp_path):
+    with pytest.raises(SystemExit, match="action_horizon 9 is longer than the policy's chunks"):
+        tinyvla.main(["--eval", str(trained_run[0] / "final"), "--action_horizon", "9", "--eval_dir",
+                      str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()

@@ -47,20 +47,47 @@ def test_eval_writes_results_table_videos_and_skips_finished(trained_run, tmp_pa
 
 
 def test_killed_eval_resumes_to_exactly_all_episodes(trained_run, tmp_path):
+    """kill -9 mid-eval, a second eval on the same results file meanwhile, duplicates and a torn line in the file:
+    the rerun still counts each episode exactly once."""
     out = tmp_path / "eval"
     cmd = eval_cmd(trained_run[0] / "final", out, "--num_envs", 1, "--save_video", "false")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
+    while not (out / "results_shard0of1.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # the first eval holds the results file from here on; its simulator takes ~13 s to build
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     while len(results(out)) < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     os.killpg(proc.pid, 9)
     proc.wait()
+    assert second.returncode != 0 and "Traceback" not in second.stderr
+    assert second.stderr.strip().splitlines()[-1].startswith("tinyvla: error: another eval is writing")
     assert len(results(out)) == 1
     with open(out / "results_shard0of1.jsonl", "a") as f:
-        f.write('{"suite": "libero_obj')  # as if killed in the middle of writing the second result
+        line = (out / "results_shard0of1.jsonl").read_text()
+        f.write(line + line + '{"suite": "libero_obj')  # the same episode twice more, then a torn line
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(x["episode"] for x in results(out)) == [0, 1]
+    assert sorted(x["episode"] for x in results(out)) == [0, 1]  # the file itself is clean again
+    assert "2 of 2 episodes finished" in r.stdout and "| 2 | 0.0% |" in (out / "results.md").read_text()
+
+
+def test_dead_simulator_worker_is_one_line(trained_run, tmp_path):
+    import psutil
+    out = tmp_path / "eval"
+    cmd = eval_cmd(trained_run[0] / "final", out, "--num_envs", 1, "--save_video", "false", "--episode_max_steps", 30)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while len(results(out)) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 1 and len(results(out)) == 1
+    workers[0].kill()  # mid-episode 1
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "tinyvla: error: the simulator failed in libero_object task 0 episode 1: its worker process died (exit code "
+        "-9) (finished episodes are saved; rerun to resume)")
 
 
 def test_eval_after_train(tiny_model, dataset_v2, tmp_path):
