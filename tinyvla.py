@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import sys
@@ -34,6 +35,7 @@ END_TOKEN = "<|im_end|>"  # Qwen's end of turn: supervised after the answer, and
 MASK_CHAR = "?"  # digit-mask augmentation writes this in place of hidden digits
 IGNORE_INDEX = -100
 RUN_CONFIG, ACTION_STATS = "tinyvla_config.json", "action_stats.json"
+REF_STATS = "dataset_stats.pkl"  # VLA-0's reference code pickles its action bounds beside the model dir
 # Language-model projections only: the plain names would also hit the vision tower's MLP (model.visual.*).
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
@@ -113,6 +115,7 @@ class DataArgs(Checked):
     color_jitter: bool = arg(True, "Brightness/contrast/saturation 0.2, hue 0.05.")
     tile_images: bool = arg(True, "Tile the cameras side by side into one image.")
     action_mask_aug_pct: float = arg(0.4, "Max fraction of answer digits masked.", "[0, 1)")
+    add_vision_id: bool = arg(False, "Qwen's chat template writes 'Picture N: ' before each image.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -129,8 +132,10 @@ class EvalArgs(Checked):
     episode_max_steps: int = arg(0, "Steps per episode; 0: the suite's standard limit.", "[0, inf)")
     num_envs: int = arg(8, "Simulators in parallel worker processes.", "[1, inf)")
     action_horizon: int = arg(1, "Query the policy every this many steps.", "[1, inf)")
-    ensemble_window: int = arg(10, "Average the last this many chunks (1: none).", "[1, inf)")
-    ensemble_decay: float = arg(0.0, "Weight exp(-decay * age): 0 uniform, >0 newer.", "[0, inf)")
+    ensemble_window: int = arg(8, "Average the last this many chunks (1: none).", "[1, inf)")
+    ensemble_version: Literal[1, 2] = arg(1, "VLA-0's: 1, older chunks weigh ensemble_weight, the newest 1; 2: "
+                                          "a chunk k queries old weighs ensemble_weight**k.")
+    ensemble_weight: float = arg(0.5, "See ensemble_version; 1: a plain average.", "(0, 1]")
     static_cache: bool = arg(False, "Generate with a static KV cache + torch.compile (CUDA graphs on GPU); the "
                              "first call per batch bucket compiles.")
     save_video: bool = arg(True, "Write an mp4 per episode.")
@@ -178,8 +183,8 @@ def parse_args(argv=None):
     argv, parser = list(sys.argv[1:] if argv is None else argv), make_parser()
     saved = Path(argv[argv.index("--eval") + 1], RUN_CONFIG) if "--eval" in argv[:-1] else None
     if saved and saved.exists():  # the checkpoint's eval settings become the defaults; yaml and flags still win
-        parser.set_defaults(**{k: v for k, v in json.loads(saved.read_text())["eval"].items() if k not in (
-            "eval", "eval_dir", "shard_id", "num_shards", "eval_after_train")})
+        parser.set_defaults(**{k: v for k, v in json.loads(saved.read_text())["eval"].items() if k in {
+            f.name for f in fields(EvalArgs)} - {"eval", "eval_dir", "shard_id", "num_shards", "eval_after_train"}})
     try:
         margs, dargs, eargs, targs = parser.parse_args_and_config(argv)
     except (ValueError, OSError, yaml.YAMLError) as e:  # TrlParser: unknown yaml keys, a bad or missing config file
@@ -238,13 +243,47 @@ def save_run_info(out_dir, run_config, stats):
     (out_dir / ACTION_STATS).write_text(json.dumps(stats, indent=2))
 
 
+class ArraysOnly(pickle.Unpickler):
+    """Unpickles containers of numpy arrays and nothing else: a downloaded pickle must not run code."""
+
+    def find_class(self, module, name):
+        if module not in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray") or name not in (
+                "ndarray", "dtype", "_reconstruct", "scalar"):
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}")
+        return super().find_class(module, name)
+
+
 def load_run_info(ckpt):
+    """(model dir, ModelArgs, DataArgs, action stats) of a TinyVLA checkpoint (dir or hub id), or of a run saved by
+    VLA-0's reference code (NVlabs/vla0: model_last/ with dataset_stats.pkl and its config.yaml beside it)."""
     ckpt = Path(ckpt)
-    for name in (RUN_CONFIG, ACTION_STATS):
-        if not (ckpt / name).exists():
-            raise TinyVLAError(f"{ckpt} has no {name}: point --eval at a TinyVLA checkpoint (e.g. runs/x/final)")
-    run = json.loads((ckpt / RUN_CONFIG).read_text())
-    return ModelArgs(**run["model"]), DataArgs(**run["data"]), json.loads((ckpt / ACTION_STATS).read_text())
+    if not ckpt.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(ckpt)):
+        from huggingface_hub import snapshot_download
+        try:
+            ckpt = Path(snapshot_download(str(ckpt)))
+        except Exception as err:  # offline, unknown id, no access...
+            raise TinyVLAError(f"checkpoint {ckpt} is not a local dir and could not be downloaded "
+                               f"({type(err).__name__})") from None
+    if (ckpt / RUN_CONFIG).exists() and (ckpt / ACTION_STATS).exists():
+        run = json.loads((ckpt / RUN_CONFIG).read_text())
+        return ckpt, ModelArgs(**run["model"]), DataArgs(**run["data"]), json.loads((ckpt / ACTION_STATS).read_text())
+    model_dir = ckpt / "model_last" if (ckpt / "model_last").is_dir() else ckpt
+    if not (model_dir.parent / REF_STATS).exists():
+        raise TinyVLAError(f"{ckpt} has no {RUN_CONFIG}: point --eval at a TinyVLA checkpoint (e.g. runs/x/final), "
+                           f"or at a VLA-0 reference run (model_last/ and {REF_STATS})")
+    try:
+        with open(model_dir.parent / REF_STATS, "rb") as f:
+            bounds = ArraysOnly(f).load()["out_ori_act"]
+        lo, hi = np.asarray(bounds["min"], np.float64).tolist(), np.asarray(bounds["max"], np.float64).tolist()
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+        raise TinyVLAError(f"{model_dir.parent / REF_STATS} is not VLA-0's action stats, a dict of numpy arrays "
+                           f"({err}); not loading it") from None
+    ref = model_dir.parent / "config.yaml"
+    qwen = (yaml.safe_load(ref.read_text()) or {}).get("MODEL", {}).get("QWEN", {}) if ref.exists() else {}
+    # the rest of the reference's preprocessing and prompt are TinyVLA's defaults (README's recipe table); its yaml
+    # asks for add_vision_id, but transformers 4.51.3, which it pins, dropped that flag: the weights trained without
+    d = DataArgs(horizon=qwen.get("horizon", 8), num_bins=qwen.get("num_bins_actions", 1000), add_vision_id=False)
+    return model_dir, ModelArgs(model_id=str(model_dir)), d, {"global": {"lo": lo, "hi": hi}, "per_task": {}}
 
 
 # ----------------------------------------------------------------------------- data
@@ -441,7 +480,7 @@ class Collator:
         texts = [self.processor.apply_chat_template([
             {"role": "system", "content": [{"type": "text", "text": self.system}]},
             {"role": "user", "content": [*[{"type": "image"}] * len(s["images"]), {"type": "text", "text": s["task"]}]},
-        ], add_generation_prompt=True, tokenize=False) for s in samples]
+        ], add_generation_prompt=True, tokenize=False, add_vision_id=self.d.add_vision_id) for s in samples]
         return self.processor(text=texts, images=[s["images"] for s in samples], padding=True, padding_side="left",
                               pad_to_multiple_of=pad_to_multiple_of, device=device, return_tensors="pt")
 
@@ -621,12 +660,12 @@ class Policy:
     """A checkpoint dir (full model or LoRA adapter + run config + action stats) as a batched policy."""
 
     def __init__(self, ckpt, device=None, static_cache=False):
-        self.m, self.d, self.stats = load_run_info(ckpt)
+        model_dir, self.m, self.d, self.stats = load_run_info(ckpt)
         self.static_cache = static_cache
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cpu":
             self.m.dtype = "float32"
-        self.model, processor = load_model(str(ckpt), self.m, self.d, device)
+        self.model, processor = load_model(str(model_dir), self.m, self.d, device)
         self.collator = Collator(processor, self.d, len(self.stats["global"]["lo"]))
         self.parse_failures = 0
 
@@ -640,20 +679,22 @@ class Policy:
 
 # ----------------------------------------------------------------------------- ensembling
 class ActionEnsembler:
-    """Keeps the last `window` chunks; the action for step t averages every kept chunk's prediction for t."""
+    """Keeps the last `window` chunks; step t's action is the weighted average of every kept chunk's prediction for
+    t. VLA-0's weights (its eval's ensemble_version): 1, the newest chunk 1 and every older one `weight`; 2, the chunk
+    k queries old weight**k. weight 1 is a plain average."""
 
-    def __init__(self, window, decay=0.0):
-        self.chunks, self.decay = deque(maxlen=window), decay
+    def __init__(self, window, version=1, weight=0.5):
+        self.chunks, self.version, self.weight = deque(maxlen=window), version, weight
 
     def add(self, t, chunk):
         self.chunks.append((t, np.asarray(chunk, dtype=np.float64)))
 
     def act(self, t):
-        preds = [(c[t - t0], t - t0) for t0, c in self.chunks if 0 <= t - t0 < len(c)]
+        preds = [(c[t - t0], age) for age, (t0, c) in enumerate(reversed(self.chunks)) if 0 <= t - t0 < len(c)]
         if not preds:
             raise ValueError(f"no kept chunk covers step {t}: query the policy at least every horizon steps")
-        ages = np.array([a for _, a in preds], dtype=np.float64)
-        w = np.exp(-self.decay * ages)  # decay 0: a plain average
+        ages = np.array([age for _, age in preds])
+        w = self.weight ** (ages if self.version == 2 else np.minimum(ages, 1))
         return (w[:, None] * np.stack([p for p, _ in preds])).sum(0) / w.sum()
 
 
@@ -723,7 +764,7 @@ def env_worker(conn, assets, e, out_dir):
             obs = env.set_init_state(bench.get_task_init_states(task_id)[init_id])
             for _ in range(WAIT_STEPS):
                 obs, _, _, _ = env.step(WAIT_ACTION)
-            ensembler, frames, done, t = ActionEnsembler(e.ensemble_window, e.ensemble_decay), [], False, 0
+            ensembler, frames, done, t = ActionEnsembler(e.ensemble_window, e.ensemble_version, e.ensemble_weight), [], False, 0
             while not done and t < (e.episode_max_steps or SUITE_MAX_STEPS[suite]):
                 images = [flip(obs["agentview_image"]), flip(obs["robot0_eye_in_hand_image"])]
                 if t % e.action_horizon == 0:

@@ -178,3 +178,15 @@ def test_real_qwen_tokenizer_ids_and_sample_length():
     assert tok.decode(labels[labels != -100]) == answer + "<|im_end|>"
     assert (batch["input_ids"][0] == tok.convert_tokens_to_ids("<|image_pad|>")).sum() == 128
     assert 400 <= batch["input_ids"].shape[1] <= 470  # about 433 tokens per sample
+
+
+@needs_shared
+def test_add_vision_id_with_the_real_chat_template():
+    """The reference's yaml sets add_vision_id: Qwen's template then writes 'Picture 1: ' before the image."""
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(QWEN_DIR)
+    sample = {"images": [np.zeros((56, 112, 3), np.uint8)], "task": "open the drawer"}
+    for flag, expected in ((False, "user\n<|vision_start|>"), (True, "user\nPicture 1: <|vision_start|>")):
+        collator = tinyvla.Collator(processor, tinyvla.DataArgs(add_vision_id=flag), 7)
+        text = processor.tokenizer.decode(collator.prompts([sample])["input_ids"][0])
+        assert expected in text and text.count("Picture") == flag

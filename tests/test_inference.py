@@ -74,20 +74,36 @@ def test_real_vocab_allowed_sets():
 
 
 def test_ensembling_by_hand():
-    ens = tinyvla.ActionEnsembler(window=2)
+    """VLA-0's ensemble_version 1 (newest 1, every older kept chunk 0.5) and 2 (weight**age), episode start,
+    window, and action_horizon 2 (each step averages the chunks that cover it)."""
     a = np.arange(4)[:, None] * np.ones((4, 2))  # chunk from t=0: 0,1,2,3
     b = 10 + np.arange(4)[:, None] * np.ones((4, 2))  # chunk from t=1: 10,11,12,13
     c = 100 + np.arange(4)[:, None] * np.ones((4, 2))  # chunk from t=2
-    ens.add(0, a)
-    assert np.allclose(ens.act(0), 0)  # episode start: one chunk
-    ens.add(1, b)
-    assert np.allclose(ens.act(1), (1 + 10) / 2)
-    ens.add(2, c)  # window 2: chunk a is dropped
-    assert np.allclose(ens.act(2), (11 + 100) / 2)
-    exp = tinyvla.ActionEnsembler(window=3, decay=0.5)
-    exp.add(0, a), exp.add(1, b)
-    w = np.exp(-0.5 * np.array([1, 0]))
-    assert np.allclose(exp.act(1), (w[0] * 1 + w[1] * 10) / w.sum())
+    v1 = tinyvla.ActionEnsembler(window=2)  # version 1, weight 0.5: the defaults
+    v1.add(0, a)
+    assert np.allclose(v1.act(0), 0)  # episode start: one chunk, used as it is
+    v1.add(1, b)
+    assert np.allclose(v1.act(1), (0.5 * 1 + 10) / 1.5)
+    v1.add(2, c)  # window 2: chunk a is dropped
+    assert np.allclose(v1.act(2), (0.5 * 11 + 100) / 1.5)
+    eight = tinyvla.ActionEnsembler(window=8)  # the README's 8 chunks: newest 1/4.5, every other 0.5/4.5
+    for t in range(8):
+        eight.add(t, np.full((8, 1), float(t)))
+    assert np.allclose(eight.act(7), (7 + 0.5 * sum(range(7))) / 4.5)
+    v2 = tinyvla.ActionEnsembler(window=3, version=2, weight=0.5)
+    for t, chunk in enumerate((a, b, c)):
+        v2.add(t, chunk)
+    assert np.allclose(v2.act(2), (0.25 * 2 + 0.5 * 11 + 100) / 1.75)
+    uniform = tinyvla.ActionEnsembler(window=3, version=2, weight=1.0)
+    uniform.add(0, a), uniform.add(1, b)
+    assert np.allclose(uniform.act(1), (1 + 10) / 2)
+    h2 = tinyvla.ActionEnsembler(window=8)  # action_horizon 2: queried at steps 0 and 2
+    h2.add(0, a)
+    assert [h2.act(t)[0] for t in (0, 1)] == [0, 1]
+    h2.add(2, c)
+    assert np.allclose([h2.act(t)[0] for t in (2, 3)], [(0.5 * 2 + 100) / 1.5, (0.5 * 3 + 101) / 1.5])
+    h2.add(4, 1000 + a)  # chunk a covers no step from 4 on: c (weight 0.5) and the newest remain
+    assert np.allclose(h2.act(5)[0], (0.5 * 103 + 1001) / 1.5)
 
 
 def test_ensembling_with_action_horizon_equal_to_horizon():
@@ -201,3 +217,40 @@ def test_static_cache_decodes_the_same_actions(tiny_model):
     assert ids.shape[0] == 4 and ids.shape[1] % tinyvla.PROMPT_BUCKET == 0
     assert calls[-1]["generation_config"].cache_implementation == "static"
     assert calls[0]["generation_config"].cache_implementation is None and calls[0]["input_ids"].shape[0] == 3
+
+
+def reference_run(root, model, stats):
+    """A run laid out as VLA-0's reference code saves it: model_last/ (save_pretrained), dataset_stats.pkl (the
+    LeRobot stats of the action feature, numpy arrays, pickled) and its yacs config.yaml."""
+    import pickle
+    import shutil
+    import yaml
+    shutil.copytree(model, root / "model_last")
+    (root / "dataset_stats.pkl").write_bytes(pickle.dumps(stats))
+    (root / "config.yaml").write_text(yaml.safe_dump({"MODEL": {"QWEN": {
+        "horizon": 4, "num_bins_actions": 1000, "add_vision_id": True, "tiled_rgb_imgs": True}}}))
+    return root
+
+
+def test_reference_vla0_checkpoint_loads_as_a_policy(tiny_model, tmp_path):
+    lo, hi = np.linspace(-1, 0, 7, dtype=np.float32), np.linspace(0.5, 2, 7, dtype=np.float32)
+    run = reference_run(tmp_path, tiny_model, {"out_ori_act": {"min": lo, "max": hi, "count": np.array([9])}})
+    frame = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    for path in (run, run / "model_last"):  # the run dir, or the model dir in it
+        policy = tinyvla.Policy(path, device="cpu")
+        assert policy.d.horizon == 4 and policy.d.num_bins == 1000 and not policy.d.add_vision_id
+        chunks = policy([[frame, frame]], ["open the drawer"])
+        assert chunks.shape == (1, 4, 7) and (chunks >= lo - 1e-6).all() and (chunks <= hi + 1e-6).all()
+
+
+def test_reference_stats_pickle_runs_no_code(tiny_model, tmp_path):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    run = reference_run(tmp_path, tiny_model, {"out_ori_act": {"min": Payload(), "max": np.zeros(7)}})
+    with pytest.raises(tinyvla.TinyVLAError, match=r"is not VLA-0's action stats.*it asks for posix\.system"):
+        tinyvla.Policy(run, device="cpu")
+    assert not (tmp_path / "ran").exists()

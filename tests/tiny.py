@@ -19,6 +19,8 @@ TASKS = [
     "pick up the black bowl between the plate and the ramekin and place it on the plate",
     "pick up the black bowl next to the ramekin and place it on the plate",
 ]
+TASK_ACTIONS = np.array([[0.9, -0.5, 0.2, 0.1, -0.3, 0.0, 1], [-0.8, 0.6, -0.4, -0.2, 0.3, 0.25, -1],
+                         [0.1, 0.9, 0.8, -0.25, -0.1, -0.3, 1], [-0.4, -0.9, -0.7, 0.3, 0.2, 0.1, -1]], np.float32)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>"]
 # Qwen2's pre-tokenizer pattern: every digit is its own piece, a space before a digit is its own piece.
@@ -26,7 +28,8 @@ QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
               r"|\s+(?!\S)|\s+")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "{% if add_vision_id %}Picture {{ loop.index }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -92,8 +95,9 @@ def _png(rng, size=64):
     return buf.getvalue()
 
 
-def make_dataset(out, layout="v2.1", episodes=8, length=(12, 20), size=64, seed=0):
-    """Write a LIBERO-like LeRobot dataset (images, state, actions, indices) in the v2.1 or v3.0 layout."""
+def make_dataset(out, layout="v2.1", episodes=8, length=(12, 20), size=64, seed=0, task_actions=False):
+    """Write a LIBERO-like LeRobot dataset (images, state, actions, indices) in the v2.1 or v3.0 layout.
+    task_actions: every frame of a task repeats that task's own action (learnable from the instruction alone)."""
     from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
 
     rng, out = np.random.default_rng(seed), Path(out)
@@ -111,6 +115,8 @@ def make_dataset(out, layout="v2.1", episodes=8, length=(12, 20), size=64, seed=
         scale = np.array([1, 1, 1, 0.3, 0.3, 0.3, 1], np.float32)
         actions = (rng.uniform(-1, 1, (n, 7)) * scale).astype(np.float32)
         actions[:, 6] = np.sign(actions[:, 6]) + (actions[:, 6] == 0)
+        if task_actions:
+            actions[:] = TASK_ACTIONS[ep % len(TASKS)]
         episode_tables.append({
             keys[0]: [{"bytes": _png(rng, size), "path": None} for _ in range(n)],
             keys[1]: [{"bytes": _png(rng, size), "path": None} for _ in range(n)],
