@@ -267,7 +267,7 @@ def load_run_info(ckpt):
     if (ckpt / RUN_CONFIG).exists() and (ckpt / ACTION_STATS).exists():
         run = json.loads((ckpt / RUN_CONFIG).read_text())
         return ckpt, ModelArgs(**run["model"]), DataArgs(**run["data"]), json.loads((ckpt / ACTION_STATS).read_text())
-    model_dir = ckpt / "model_last" if (ckpt / "model_last").is_dir() else ckpt
+    model_dir = next((d for d in (ckpt / "model_last", *ckpt.glob("*/model_last")) if d.is_dir()), ckpt)
     if not (model_dir.parent / REF_STATS).exists():
         raise TinyVLAError(f"{ckpt} has no {RUN_CONFIG}: point --eval at a TinyVLA checkpoint (e.g. runs/x/final), "
                            f"or at a VLA-0 reference run (model_last/ and {REF_STATS})")

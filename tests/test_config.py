@@ -23,9 +23,18 @@ def test_precedence_default_yaml_cli(tmp_path):
     assert t.max_length is None
 
 
-def test_repo_config_yaml_parses():
-    m, d, e, t = tinyvla.parse_args(["--config", str(ROOT / "config.yaml")])
-    assert m.model_id == "Qwen/Qwen2.5-VL-3B-Instruct" and d.horizon == 8 and d.tile_images
+def test_repo_config_yaml_is_the_reference_recipe():
+    """What NVlabs/vla0 and vla0-trl really ran (issue: the paper's lr 5e-6 at batch 192 did not converge)."""
+    m, d, e, t = tinyvla.parse_args(["--config", str(ROOT / "config.yaml"), "--bf16", "false"])
+    assert m.model_id == "Qwen/Qwen2.5-VL-3B-Instruct" and not m.use_lora and m.dtype == "bfloat16"
+    assert (d.horizon, d.num_bins, d.img_size, d.crop_ratio, d.tile_images, d.action_mask_aug_pct) == (
+        8, 1000, 224, 0.875, True, 0.4)
+    assert d.add_vision_id is False  # what the released weights trained with (transformers 4.51.3 dropped the flag)
+    assert (t.per_device_train_batch_size * 8 * t.gradient_accumulation_steps, t.learning_rate) == (64, 4e-5)
+    assert (str(t.lr_scheduler_type), t.warmup_steps, t.max_grad_norm, t.max_steps) == (
+        "SchedulerType.CONSTANT", 0, 1.0, 80000)
+    assert (t.adam_beta1, t.adam_beta2, t.weight_decay, str(t.optim)) == (0.9, 0.999, 1e-10, "OptimizerNames.ADAMW_TORCH_FUSED")
+    assert (e.action_horizon, e.ensemble_window, e.ensemble_version, e.ensemble_weight) == (1, 8, 1, 0.5)
 
 
 @pytest.mark.parametrize("content, message", [

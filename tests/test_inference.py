@@ -234,9 +234,9 @@ def reference_run(root, model, stats):
 
 def test_reference_vla0_checkpoint_loads_as_a_policy(tiny_model, tmp_path):
     lo, hi = np.linspace(-1, 0, 7, dtype=np.float32), np.linspace(0.5, 2, 7, dtype=np.float32)
-    run = reference_run(tmp_path, tiny_model, {"out_ori_act": {"min": lo, "max": hi, "count": np.array([9])}})
+    run = reference_run(tmp_path / "vla0", tiny_model, {"out_ori_act": {"min": lo, "max": hi, "count": np.array([9])}})
     frame = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
-    for path in (run, run / "model_last"):  # the run dir, or the model dir in it
+    for path in (run, run / "model_last", tmp_path):  # the run dir, the model dir in it, a download holding vla0/
         policy = tinyvla.Policy(path, device="cpu")
         assert policy.d.horizon == 4 and policy.d.num_bins == 1000 and not policy.d.add_vision_id
         chunks = policy([[frame, frame]], ["open the drawer"])
