@@ -57,8 +57,7 @@ class TinyVLAError(Exception):
 
 
 def arg(default, help, valid=""):
-    """A config field (a flag and a yaml key): default, --help text, and the interval its value must lie in, which
-    --help shows and Checked enforces."""
+    """A config field (a flag and a yaml key): default, --help text, the interval it must lie in (checked, shown)."""
     help += f" In {valid}." if valid else ""
     return field(default_factory=lambda: list(default), metadata={"help": help}) if isinstance(default, list) \
         else field(default=default, metadata={"help": help})
@@ -70,8 +69,7 @@ def in_interval(value, interval):  # "[1, inf)", "(0, 1]": brackets include the 
 
 
 class Checked:
-    """Every option is checked when parsed, before anything is written: yaml values skip argparse's conversion
-    and choices, so types and Literal choices are checked here too, with each field's interval."""
+    """Checks each option when parsed: type and choices (yaml values skip argparse's checks) and interval."""
 
     def __post_init__(self):
         for f in fields(self):
@@ -92,8 +90,7 @@ class Checked:
 class ModelArgs(Checked):
     model_id: str = arg("Qwen/Qwen2.5-VL-3B-Instruct", "Hub id or local dir of the VLM.")
     dtype: Literal["bfloat16", "float16", "float32"] = arg("bfloat16", "Weights dtype.")
-    attn_implementation: Literal["sdpa", "flash_attention_2", "flash_attention_3", "eager"] = arg(
-        "sdpa", "Attention kernel.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "flash_attention_3", "eager"] = arg("sdpa", "")
     use_lora: bool = arg(False, "Train LoRA adapters instead of all weights.")
     lora_r: int = arg(32, "LoRA rank.", "[1, inf)")
     lora_alpha: int = arg(64, "LoRA alpha.", "[1, inf)")
@@ -117,11 +114,6 @@ class DataArgs(Checked):
     action_mask_aug_pct: float = arg(0.4, "Max fraction of answer digits masked.", "[0, 1)")
     add_vision_id: bool = arg(False, "Qwen's chat template writes 'Picture N: ' before each image.")
 
-    def __post_init__(self):
-        super().__post_init__()
-        if len(self.image_keys) not in (1, 2):
-            raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
-
 
 @dataclass
 class EvalArgs(Checked):
@@ -136,31 +128,17 @@ class EvalArgs(Checked):
     ensemble_version: Literal[1, 2] = arg(1, "VLA-0's: 1, older chunks weigh ensemble_weight, the newest 1; 2: "
                                           "a chunk k queries old weighs ensemble_weight**k.")
     ensemble_weight: float = arg(0.5, "See ensemble_version; 1: a plain average.", "(0, 1]")
-    static_cache: bool = arg(False, "Generate with a static KV cache + torch.compile (CUDA graphs on GPU); the "
-                             "first call per batch bucket compiles.")
+    static_cache: bool = arg(False, "Decode with a static KV cache, compiled on GPU (the first call per shape).")
     save_video: bool = arg(True, "Write an mp4 per episode.")
     libero_assets: str = arg("", "Local LIBERO assets dir (or $LIBERO_ASSETS).")
     eval_dir: str = arg("", "Results dir (default: <checkpoint>/libero_eval).")
     shard_id: int = arg(0, "This worker's share of the episodes.", "[0, inf)")
     num_shards: int = arg(1, "Split the episodes across this many workers.", "[1, inf)")
-    eval_after_train: bool = arg(False, "Run the LIBERO eval on the final model.")
-    eval_after_train_episodes: int = arg(5, "Episodes per task after training.", "[1, inf)")
+    eval_after_train: int = arg(0, "Evaluate final/ in LIBERO, this many episodes per task (0: no).", "[0, inf)")
     gen_eval_every: int = arg(1, "Generation metrics every N evaluations (0: off).", "[0, inf)")
     gen_eval_samples: int = arg(30, "Val samples decoded for generation metrics.", "[1, inf)")
     eval_max_batches: int = arg(0, "Val loss on this many batches (0: all of val).", "[0, inf)")
     save_every_epochs: int = arg(1, "With save_strategy epoch: every N epochs.", "[1, inf)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.shard_id >= self.num_shards:
-            raise TinyVLAError(f"shard_id must be in [0, {self.num_shards - 1}] for num_shards {self.num_shards}, "
-                               f"got {self.shard_id}")
-
-
-# TRL/transformers fields whose bad values would only fail mid-run (or, for batch 0, after files were written)
-TRAIN_VALID = {"per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",
-               "gradient_accumulation_steps": "[1, inf)", "learning_rate": "[0, inf)", "num_train_epochs": "(0, inf)",
-               "max_grad_norm": "[0, inf)", "dataloader_num_workers": "[0, inf)"}
 
 
 class Parser(TrlParser):
@@ -168,19 +146,15 @@ class Parser(TrlParser):
         raise TinyVLAError(f"{message} (python tinyvla.py --help lists the options)")
 
 
-def make_parser():
-    parser = Parser((ModelArgs, DataArgs, EvalArgs, SFTConfig), allow_abbrev=False)
+def parse_args(argv=None):
+    """defaults < --config yaml < CLI; every value checked; then the derived values, computed once here."""
+    argv, parser = list(sys.argv[1:] if argv is None else argv), Parser((ModelArgs, DataArgs, EvalArgs, SFTConfig),
+                                                                          allow_abbrev=False)
     parser.set_defaults(  # project defaults for TRL fields; config.yaml and flags still override them
         output_dir="runs/tinyvla", eval_strategy="epoch", save_strategy="epoch", logging_steps=10, report_to="none",
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
         gradient_checkpointing=None,  # TRL's default (True) sets a name transformers deprecates: it warned each run
         bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())  # so CPU-only machines just work
-    return parser
-
-
-def parse_args(argv=None):
-    """defaults < --config yaml < CLI; every value checked; then the derived values, computed once here."""
-    argv, parser = list(sys.argv[1:] if argv is None else argv), make_parser()
     saved = Path(argv[argv.index("--eval") + 1], RUN_CONFIG) if "--eval" in argv[:-1] else None
     if saved and saved.exists():  # the checkpoint's eval settings become the defaults; yaml and flags still win
         parser.set_defaults(**{k: v for k, v in json.loads(saved.read_text())["eval"].items() if k in {
@@ -189,9 +163,15 @@ def parse_args(argv=None):
         margs, dargs, eargs, targs = parser.parse_args_and_config(argv)
     except (ValueError, OSError, yaml.YAMLError) as e:  # TrlParser: unknown yaml keys, a bad or missing config file
         raise TinyVLAError(str(e).split(". Please")[0].replace("\n", " ")) from None
-    for name, valid in TRAIN_VALID.items():
+    for name, valid in {"per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",  # TRL's
+                        "gradient_accumulation_steps": "[1, inf)", "learning_rate": "[0, inf)"}.items():
         if not in_interval(getattr(targs, name), valid):
             raise TinyVLAError(f"{name} must be in {valid}, got {getattr(targs, name)!r}")
+    if len(dargs.image_keys) not in (1, 2):
+        raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
+    if eargs.shard_id >= eargs.num_shards:
+        raise TinyVLAError(f"shard_id must be in [0, {eargs.num_shards - 1}] for num_shards {eargs.num_shards}, "
+                           f"got {eargs.shard_id}")
     if dargs.val_ratio == 0:
         targs.eval_strategy = "no"  # nothing to evaluate on
     if not eargs.eval:
@@ -199,9 +179,7 @@ def parse_args(argv=None):
     return margs, dargs, eargs, targs
 
 
-def is_complete(ckpt):
-    """The Trainer writes trainer_state.json after the weights, optimizer and RNG states: a checkpoint whose state
-    does not parse was cut short (a kill during the save)."""
+def is_complete(ckpt):  # the Trainer writes trainer_state.json last: a kill while saving leaves none, or a torn one
     try:
         return "global_step" in json.loads(Path(ckpt, "trainer_state.json").read_text())
     except (OSError, ValueError):
@@ -209,25 +187,24 @@ def is_complete(ckpt):
 
 
 def resume_point(output_dir, resume):
-    """--resume_from_checkpoint as a complete checkpoint dir or None; "last": the newest complete one in output_dir.
-    A dir that already holds checkpoints is never trained over from step 0."""
+    """--resume_from_checkpoint as a complete checkpoint dir or None ("last": the newest complete one in output_dir);
+    a dir that already holds a run is never trained over from step 0."""
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
+    if out.is_file():
         raise TinyVLAError(f"output_dir {out} is a file; choose a directory")
     ckpts = sorted((c for c in out.glob("checkpoint-*") if c.name[11:].isdigit()), key=lambda c: int(c.name[11:]))
-    complete = [c for c in ckpts if is_complete(c)]
     if resume == "last":
-        if not complete:
+        resume = next((str(c) for c in reversed(ckpts) if is_complete(c)), None)
+        for c in ckpts[ckpts.index(Path(resume)) + 1 if resume else 0:]:
+            warnings.warn(f"{c} is incomplete (the run was killed while saving it): resuming from {resume}")
+        if not resume:
             raise TinyVLAError(f"no complete checkpoint in {out} to resume from; drop --resume_from_checkpoint")
-        for c in ckpts[ckpts.index(complete[-1]) + 1:]:
-            warnings.warn(f"{c} is incomplete (the run was killed while saving it): resuming from {complete[-1]}")
-        return str(complete[-1])
-    if resume and not is_complete(resume):
+    elif resume and not is_complete(resume):
         raise TinyVLAError(f"resume_from_checkpoint {resume} is not a complete checkpoint (missing, or cut short by a "
                            f"kill while saving); use --resume_from_checkpoint last for the newest complete one")
-    if not resume and ckpts:
-        raise TinyVLAError(f"{out} already holds checkpoints; add --resume_from_checkpoint last to continue the run, "
-                           "or choose another --output_dir")
+    elif not resume and (ckpts or (out / "final").exists()):
+        raise TinyVLAError(f"{out} already holds a run; add --resume_from_checkpoint last to continue it, or choose "
+                           "another --output_dir")
     return resume
 
 
@@ -247,23 +224,27 @@ class ArraysOnly(pickle.Unpickler):
     """Unpickles containers of numpy arrays and nothing else: a downloaded pickle must not run code."""
 
     def find_class(self, module, name):
-        if module not in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray") or name not in (
-                "ndarray", "dtype", "_reconstruct", "scalar"):
+        if module.split(".")[0] != "numpy" or name not in ("ndarray", "dtype", "_reconstruct", "scalar"):
             raise pickle.UnpicklingError(f"it asks for {module}.{name}")
         return super().find_class(module, name)
+
+
+def local_dir(repo_id, kind):
+    """A local dir as it is, else a hub repo (kind: model or dataset) downloaded into the HF cache."""
+    if Path(repo_id).exists():
+        return Path(repo_id)
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id, repo_type=kind))
+    except Exception as err:  # offline, unknown id, no access...
+        raise TinyVLAError(f"{kind} {repo_id!r} is not a local dir and could not be downloaded ({type(err).__name__})"
+                           ) from None
 
 
 def load_run_info(ckpt):
     """(model dir, ModelArgs, DataArgs, action stats) of a TinyVLA checkpoint (dir or hub id), or of a run saved by
     VLA-0's reference code (NVlabs/vla0: model_last/ with dataset_stats.pkl and its config.yaml beside it)."""
-    ckpt = Path(ckpt)
-    if not ckpt.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(ckpt)):
-        from huggingface_hub import snapshot_download
-        try:
-            ckpt = Path(snapshot_download(str(ckpt)))
-        except Exception as err:  # offline, unknown id, no access...
-            raise TinyVLAError(f"checkpoint {ckpt} is not a local dir and could not be downloaded "
-                               f"({type(err).__name__})") from None
+    ckpt = local_dir(str(ckpt), "model")
     if (ckpt / RUN_CONFIG).exists() and (ckpt / ACTION_STATS).exists():
         run = json.loads((ckpt / RUN_CONFIG).read_text())
         return ckpt, ModelArgs(**run["model"]), DataArgs(**run["data"]), json.loads((ckpt / ACTION_STATS).read_text())
@@ -280,8 +261,7 @@ def load_run_info(ckpt):
                            f"({err}); not loading it") from None
     ref = model_dir.parent / "config.yaml"
     qwen = (yaml.safe_load(ref.read_text()) or {}).get("MODEL", {}).get("QWEN", {}) if ref.exists() else {}
-    # the rest of the reference's preprocessing and prompt are TinyVLA's defaults (README's recipe table); its yaml
-    # asks for add_vision_id, but transformers 4.51.3, which it pins, dropped that flag: the weights trained without
+    # the rest is TinyVLA's defaults (README's recipe table); add_vision_id: transformers 4.51.3 dropped it
     d = DataArgs(horizon=qwen.get("horizon", 8), num_bins=qwen.get("num_bins_actions", 1000), add_vision_id=False)
     return model_dir, ModelArgs(model_id=str(model_dir)), d, {"global": {"lo": lo, "hi": hi}, "per_task": {}}
 
@@ -305,14 +285,7 @@ def load_lerobot(repo_id, keys):
     """A LeRobot v2.x/v3.0 dataset as (datasets.Dataset, task strings by task_index); checks the features."""
     import datasets
     import pyarrow.parquet as pq
-    root = Path(repo_id)
-    if not root.exists():
-        from huggingface_hub import snapshot_download
-        try:
-            root = Path(snapshot_download(repo_id, repo_type="dataset"))
-        except Exception as err:  # offline, unknown id, no access...
-            raise TinyVLAError(f"dataset {repo_id!r} is not a local dir and could not be downloaded "
-                               f"({type(err).__name__}); check --repo_id") from None
+    root = local_dir(repo_id, "dataset")
     if not (root / "meta/info.json").exists():
         raise TinyVLAError(f"{root} is not a LeRobot dataset (no meta/info.json); check --repo_id")
     info = json.loads((root / "meta/info.json").read_text())
@@ -320,13 +293,10 @@ def load_lerobot(repo_id, keys):
     if missing:
         raise TinyVLAError(f"dataset {repo_id} has no feature {missing} (it has {sorted(info['features'])}); "
                            "set --image_keys / --action_key")
-    if (root / "meta/tasks.jsonl").exists():  # v2.0 / v2.1
-        rows = [json.loads(line) for line in (root / "meta/tasks.jsonl").read_text().splitlines() if line.strip()]
-        tasks = {r["task_index"]: r["task"] for r in rows}
-    else:  # v3.0: the task string is the index of tasks.parquet
-        import pandas as pd
-        df = pd.read_parquet(root / "meta/tasks.parquet")
-        tasks = dict(zip(df["task_index"], df.index))
+    import pandas as pd  # v2.x: tasks.jsonl; v3.0: tasks.parquet, the task string as its index
+    df = pd.read_json(root / "meta/tasks.jsonl", lines=True).set_index("task") if (root / "meta/tasks.jsonl").exists() \
+        else pd.read_parquet(root / "meta/tasks.parquet")
+    tasks = dict(zip(df["task_index"], df.index))
     files = sorted(str(f) for f in root.glob("data/*/*.parquet"))
     for f in files:  # a truncated download fails here with its name, not deep inside datasets
         try:
@@ -371,12 +341,8 @@ def text_to_actions(text, lo, hi, bins, horizon):
 def mask_digits(text, pct, rng=random):
     """VLA-0's augmentation: with prob 0.9, replace a U(0, pct) fraction of the digits (never spaces) by MASK_CHAR."""
     digits = [i for i, c in enumerate(text) if c.isdigit()]
-    if pct <= 0 or rng.random() < 0.1:
-        return text
-    chars = list(text)
-    for i in rng.sample(digits, int(rng.uniform(0, pct) * len(digits))):
-        chars[i] = MASK_CHAR
-    return "".join(chars)
+    hidden = set(rng.sample(digits, int(rng.uniform(0, pct) * len(digits)))) if pct > 0 and rng.random() >= 0.1 else ()
+    return "".join(MASK_CHAR if i in hidden else c for i, c in enumerate(text))
 
 
 def prepare_images(images, d, train=False):
@@ -505,7 +471,6 @@ class Collator:
 
 # ----------------------------------------------------------------------------- model + trainer
 def load_model(model_id, m, d, device=None):
-    dtype = getattr(torch, m.dtype)
     try:
         processor = AutoProcessor.from_pretrained(model_id, size={"shortest_edge": image_pixels(d),
                                                                   "longest_edge": image_pixels(d)})
@@ -513,7 +478,8 @@ def load_model(model_id, m, d, device=None):
         raise TinyVLAError(f"cannot load model {model_id!r} ({str(err).splitlines()[0]}); check --model_id") from None
     adapter = Path(model_id, "adapter_config.json")
     base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else model_id
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, attn_implementation=m.attn_implementation)
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=getattr(torch, m.dtype),
+                                                        attn_implementation=m.attn_implementation)
     if adapter.exists():
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, model_id).merge_and_unload()
@@ -652,8 +618,7 @@ def predict(model, collator, stats, images, tasks, static_cache=False):
     actions = [text_to_actions(t, *bounds_for(stats, d.action_norm, task), d.num_bins, d.horizon)
                for t, task in zip(texts, tasks)]
     ok = np.array([a is not None for a in actions])
-    nan = np.full((d.horizon, len(stats["global"]["lo"])), np.nan)
-    return np.stack([nan if a is None else a for a in actions]), ok
+    return np.stack([np.full((d.horizon, len(stats["global"]["lo"])), np.nan) if a is None else a for a in actions]), ok
 
 
 class Policy:
@@ -700,17 +665,11 @@ class ActionEnsembler:
 
 # ----------------------------------------------------------------------------- LIBERO eval
 def binarize_gripper(action):
-    action = np.array(action, dtype=np.float64)
-    action[-1] = 1.0 if action[-1] > 0 else -1.0  # LIBERO: -1 open, +1 close
-    return action
+    return np.r_[action[:-1], 1.0 if action[-1] > 0 else -1.0]  # LIBERO: -1 open, +1 close
 
 
 def flip(img):
     return np.ascontiguousarray(img[::-1, ::-1])  # LIBERO renders upside down relative to the dataset frames
-
-
-def shard(items, shard_id, num_shards):
-    return items[shard_id::num_shards]
 
 
 def setup_libero(assets=""):
@@ -734,10 +693,9 @@ def setup_libero(assets=""):
 
 
 def env_worker(conn, assets, e, out_dir):
-    """One simulator per process (each owns its render context), running whole episodes: it sends each observation
-    it needs an action chunk for, ensembles the chunks it gets back, and writes the episode's video itself (so
-    encoding runs in parallel). Gets an episode tuple (None: exit); answers ("obs", images), then ("done", result),
-    or ("error", message)."""
+    """One simulator per process (each owns its render context), running whole episodes: it sends ("obs", images)
+    when it needs a chunk, ensembles the chunks, writes the episode's video itself (encoding runs in parallel) and
+    answers ("done", result) or ("error", message). Gets an episode, or None to exit."""
     setup_libero(assets)
     from libero.libero import benchmark, get_libero_path
     from libero.libero.envs import OffScreenRenderEnv
@@ -745,12 +703,9 @@ def env_worker(conn, assets, e, out_dir):
     while True:
         try:
             ep = conn.recv()
-        except EOFError:  # the main process has stopped (an error, ctrl-c)
-            break
-        if ep is None:
-            break
-        suite, task_id, task, episode, init_id = ep
-        try:
+            if ep is None:
+                break
+            suite, task_id = ep["suite"], ep["task_id"]
             bench = benchmark.get_benchmark_dict()[suite]()
             if current != (suite, task_id):
                 if env is not None:
@@ -761,10 +716,11 @@ def env_worker(conn, assets, e, out_dir):
                 current = (suite, task_id)
             env.seed(ENV_SEED)
             env.reset()
-            obs = env.set_init_state(bench.get_task_init_states(task_id)[init_id])
+            obs = env.set_init_state(bench.get_task_init_states(task_id)[ep["init_state"]])
             for _ in range(WAIT_STEPS):
                 obs, _, _, _ = env.step(WAIT_ACTION)
-            ensembler, frames, done, t = ActionEnsembler(e.ensemble_window, e.ensemble_version, e.ensemble_weight), [], False, 0
+            ensembler = ActionEnsembler(e.ensemble_window, e.ensemble_version, e.ensemble_weight)
+            frames, done, t = [], False, 0
             while not done and t < (e.episode_max_steps or SUITE_MAX_STEPS[suite]):
                 images = [flip(obs["agentview_image"]), flip(obs["robot0_eye_in_hand_image"])]
                 if t % e.action_horizon == 0:
@@ -776,11 +732,10 @@ def env_worker(conn, assets, e, out_dir):
                 t += 1
             if e.save_video:
                 import imageio
-                name = f"{suite}_task{task_id}_ep{episode}_{'success' if done else 'failure'}.mp4"
+                name = f"{suite}_task{task_id}_ep{ep['episode']}_{'success' if done else 'failure'}.mp4"
                 imageio.mimsave(Path(out_dir, name), frames, fps=20)
-            conn.send(("done", {"suite": suite, "task_id": task_id, "task": task, "episode": episode,
-                                "init_state": init_id, "success": bool(done), "steps": t}))
-        except (EOFError, BrokenPipeError):  # the main process has stopped
+            conn.send(("done", {**ep, "success": bool(done), "steps": t}))
+        except (EOFError, BrokenPipeError):  # the main process has stopped (an error, ctrl-c)
             break
         except Exception as err:  # the main process stops with this as one line (bad assets, a MuJoCo error...)
             conn.send(("error", f"{type(err).__name__}: {err}"))
@@ -789,7 +744,7 @@ def env_worker(conn, assets, e, out_dir):
 
 
 def episode_list(e):
-    """Every (suite, task_id, task text, episode, init state) of the eval, all shards, in a fixed order."""
+    """Every episode of the eval (suite, task id and text, episode, init state), all shards, in a fixed order."""
     from libero.libero import benchmark
     out = []
     for suite in STANDARD_SUITES if e.suite == "all" else [e.suite]:
@@ -798,13 +753,13 @@ def episode_list(e):
             raise TinyVLAError(f"task_ids {e.task_ids}: {suite} has tasks 0..{bench.n_tasks - 1}")
         for task_id in e.task_ids or range(bench.n_tasks):
             n_init = len(bench.get_task_init_states(task_id))
-            out += [(suite, task_id, bench.get_task(task_id).language, ep, ep % n_init)
-                    for ep in range(e.episodes_per_task)]
+            out += [{"suite": suite, "task_id": task_id, "task": bench.get_task(task_id).language, "episode": ep,
+                     "init_state": ep % n_init} for ep in range(e.episodes_per_task)]
     return out
 
 
-def episode_key(r):
-    return r["suite"], r["task_id"], r["episode"]
+def episode_key(ep):
+    return ep["suite"], ep["task_id"], ep["episode"]
 
 
 def read_results(*paths):
@@ -839,7 +794,7 @@ def evaluate_libero(ckpt, e, policy=None):
         raise TinyVLAError(f"action_horizon {e.action_horizon} is longer than the policy's chunks ({policy.d.horizon})")
     assets = setup_libero(e.libero_assets)
     all_episodes = episode_list(e)
-    episodes = shard(all_episodes, e.shard_id, e.num_shards)
+    episodes = all_episodes[e.shard_id::e.num_shards]
     out_dir = Path(e.eval_dir or Path(ckpt) / "libero_eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / f"results_shard{e.shard_id}of{e.num_shards}.jsonl"
@@ -852,7 +807,7 @@ def evaluate_libero(ckpt, e, policy=None):
     results = read_results(results_file)  # from an earlier run of this shard: skipped now
     results_file.write_text("".join(json.dumps(r) + "\n" for r in results))  # drops duplicates, a half-written line
     finished = {episode_key(r) for r in results}
-    pending = deque(ep for ep in episodes if ep[:2] + ep[3:4] not in finished)
+    pending = deque(ep for ep in episodes if episode_key(ep) not in finished)
     ctx, conns, procs = mp.get_context("spawn"), [], []
     for _ in range(min(e.num_envs, len(pending))):
         a, b = ctx.Pipe()
@@ -885,9 +840,8 @@ def evaluate_libero(ckpt, e, policy=None):
                 procs[i].join(5)
                 kind, payload = "error", f"its worker process died (exit code {procs[i].exitcode})"
             if kind == "error":
-                suite, task_id, _, episode, _ = running[i]
-                raise TinyVLAError(f"the simulator failed in {suite} task {task_id} episode {episode}: {payload} "
-                                   "(finished episodes are saved; rerun to resume)")
+                raise TinyVLAError("the simulator failed in {suite} task {task_id} episode {episode}: ".format(
+                    **running[i]) + f"{payload} (finished episodes are saved; rerun to resume)")
             if kind == "obs":
                 asking.append(i)
                 images.append(payload)
@@ -902,7 +856,7 @@ def evaluate_libero(ckpt, e, policy=None):
             start(i)
         if asking:
             t_start = t_start or time.time()
-            chunks = policy(images, [running[i][2] for i in asking])
+            chunks = policy(images, [running[i]["task"] for i in asking])
             queries += len(asking)
             for i, chunk in zip(asking, chunks):
                 conns[i].send(chunk)
@@ -911,7 +865,7 @@ def evaluate_libero(ckpt, e, policy=None):
         conn.send(None)
         proc.join(timeout=30)
     elapsed = time.time() - (t_start or time.time())
-    wanted = {ep[:2] + ep[3:4] for ep in all_episodes}  # this eval's episodes, each counted once over all shards
+    wanted = {episode_key(ep) for ep in all_episodes}  # this eval's episodes, each counted once over all shards
     merged = [r for r in read_results(*sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")))
               if episode_key(r) in wanted]
     table, summary = results_table(merged)  # every shard's finished episodes: the last shard to end sees them all
@@ -943,20 +897,17 @@ def make_trainer(m, d, e, targs):
 def train_summary(trainer, final):
     """The table printed when training ends: progress, last and best losses, the last generation eval, outputs."""
     hist, best, losses = trainer.state.log_history, Path(trainer.args.output_dir) / "best", trainer.val_losses()
-    last = lambda key: next((f"{h[key]:.4g}" for h in reversed(hist) if key in h), "-")
+    last = lambda *keys: " / ".join(next((f"{h[k]:.4g}" for h in reversed(hist) if k in h), "-") for k in keys)
     rows = {"steps (epochs)": f"{trainer.state.global_step} ({trainer.state.epoch or 0:.2f})",
             "train loss (last logged)": last("loss"),
             "val loss (last / best)": f"{last('eval_loss')} / {f'{min(losses):.4g}' if losses else '-'}",
-            "val parse rate / mae / mse (last generation eval)": " / ".join(
-                last(f"val/{k}") for k in ("parse_rate", "mae", "mse")),
+            "val parse rate / mae / mse (last generation eval)": last("val/parse_rate", "val/mae", "val/mse"),
             "final model": final, "best model (lowest val loss)": best if best.exists() else "-"}
     return "\n".join(["| training run | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows.items())])
 
 
 def train(m, d, e, targs):
     final = Path(targs.output_dir) / "final"
-    if final.exists() and not targs.resume_from_checkpoint:
-        raise TinyVLAError(f"{final} already exists; choose another --output_dir or --resume_from_checkpoint")
     trainer = make_trainer(m, d, e, targs)
     if trainer.is_world_process_zero():
         save_run_info(targs.output_dir, trainer.run_config, trainer.stats)
@@ -965,7 +916,7 @@ def train(m, d, e, targs):
     if trainer.is_world_process_zero():
         print(train_summary(trainer, final))
         if e.eval_after_train:
-            evaluate_libero(final, replace(e, episodes_per_task=e.eval_after_train_episodes))
+            evaluate_libero(final, replace(e, episodes_per_task=e.eval_after_train))
     return trainer
 
 

@@ -123,8 +123,6 @@ def test_protocol_helpers():
     assert tinyvla.binarize_gripper([0.5] * 6 + [-0.2]).tolist() == [0.5] * 6 + [-1]
     img = np.arange(2 * 3 * 3).reshape(2, 3, 3)
     assert np.array_equal(tinyvla.flip(img), img[::-1, ::-1]) and tinyvla.flip(img)[0, 0, 0] == img[-1, -1, 0]
-    eps = list(range(10))
-    assert sorted(sum((tinyvla.shard(eps, i, 3) for i in range(3)), [])) == eps
     assert tinyvla.SUITE_MAX_STEPS == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300,
                                        "libero_10": 520, "libero_90": 400}
     assert tinyvla.WAIT_STEPS == 10 and tinyvla.WAIT_ACTION == [0] * 6 + [-1] and tinyvla.ENV_SEED == 7

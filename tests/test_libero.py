@@ -93,8 +93,8 @@ def test_dead_simulator_worker_is_one_line(trained_run, tmp_path):
 def test_eval_after_train(tiny_model, dataset_v2, tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *train_args(
-        tiny_model, dataset_v2, out, "--max_steps", 2, "--eval_strategy", "no", "--eval_after_train", "true",
-        "--suite", "libero_object", "--task_ids", 0, "--eval_after_train_episodes", 1, "--episode_max_steps", 3,
+        tiny_model, dataset_v2, out, "--max_steps", 2, "--eval_strategy", "no", "--eval_after_train", 1,
+        "--suite", "libero_object", "--task_ids", 0, "--episode_max_steps", 3,
         "--num_envs", 1, "--save_video", "false", "--action_horizon", 2)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = results(out / "final/libero_eval")
