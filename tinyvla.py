@@ -14,6 +14,7 @@ import random
 import re
 import sys
 import warnings
+from argparse import ArgumentError
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.util import find_spec
@@ -23,8 +24,7 @@ from typing import Literal, get_args, get_origin
 import numpy as np
 import torch
 import yaml
-from transformers import (AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor,
-                          TrainerCallback)
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 # ----------------------------------------------------------------------------- config
@@ -45,8 +45,7 @@ ENV_SEED, CAMERA_RES = 7, 256
 PROMPT_BUCKET = 64  # static_cache: prompts are left-padded to a multiple of this, so few shapes get compiled
 
 
-# Library messages that are no business of the user's: robosuite's advice on private macro files at import, a CPU
-# kernel bitsandbytes tries to fetch from the hub, a name PEFT reads that transformers deprecated.
+# No business of the user's: robosuite's macro-file advice, a bitsandbytes kernel fetch, a deprecated name PEFT reads
 logging.getLogger("robosuite_logs").addFilter(lambda record: "macro" not in record.getMessage())
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.msg)
 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
@@ -58,9 +57,8 @@ class TinyVLAError(Exception):
 
 def arg(default, help, valid=""):
     """A config field (a flag and a yaml key): default, --help text, the interval it must lie in (checked, shown)."""
-    help += f" In {valid}." if valid else ""
-    return field(default_factory=lambda: list(default), metadata={"help": help}) if isinstance(default, list) \
-        else field(default=default, metadata={"help": help})
+    given = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**given, metadata={"help": help + (f" In {valid}." if valid else "")})
 
 
 def in_interval(value, interval):  # "[1, inf)", "(0, 1]": brackets include the end, parentheses exclude it
@@ -141,15 +139,10 @@ class EvalArgs(Checked):
     save_every_epochs: int = arg(1, "With save_strategy epoch: every N epochs.", "[1, inf)")
 
 
-class Parser(TrlParser):
-    def error(self, message):  # one line, not argparse's usage dump of every SFTConfig field
-        raise TinyVLAError(f"{message} (python tinyvla.py --help lists the options)")
-
-
 def parse_args(argv=None):
     """defaults < --config yaml < CLI; every value checked; then the derived values, computed once here."""
-    argv, parser = list(sys.argv[1:] if argv is None else argv), Parser((ModelArgs, DataArgs, EvalArgs, SFTConfig),
-                                                                          allow_abbrev=False)
+    argv = list(sys.argv[1:] if argv is None else argv)  # argparse errors raise (one line) instead of printing usage
+    parser = TrlParser((ModelArgs, DataArgs, EvalArgs, SFTConfig), allow_abbrev=False, exit_on_error=False)
     parser.set_defaults(  # project defaults for TRL fields; config.yaml and flags still override them
         output_dir="runs/tinyvla", eval_strategy="epoch", save_strategy="epoch", logging_steps=10, report_to="none",
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
@@ -161,8 +154,8 @@ def parse_args(argv=None):
             f.name for f in fields(EvalArgs)} - {"eval", "eval_dir", "shard_id", "num_shards", "eval_after_train"}})
     try:
         margs, dargs, eargs, targs = parser.parse_args_and_config(argv)
-    except (ValueError, OSError, yaml.YAMLError) as e:  # TrlParser: unknown yaml keys, a bad or missing config file
-        raise TinyVLAError(str(e).split(". Please")[0].replace("\n", " ")) from None
+    except (ArgumentError, ValueError, OSError, yaml.YAMLError) as e:  # also unknown keys, a bad or missing yaml
+        raise TinyVLAError(str(e).split(". Please")[0].replace("\n", " ") + " (--help lists the options)") from None
     for name, valid in {"per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",  # TRL's
                         "gradient_accumulation_steps": "[1, inf)", "learning_rate": "[0, inf)"}.items():
         if not in_interval(getattr(targs, name), valid):
@@ -187,8 +180,7 @@ def is_complete(ckpt):  # the Trainer writes trainer_state.json last: a kill whi
 
 
 def resume_point(output_dir, resume):
-    """--resume_from_checkpoint as a complete checkpoint dir or None ("last": the newest complete one in output_dir);
-    a dir that already holds a run is never trained over from step 0."""
+    """--resume_from_checkpoint as a complete checkpoint or None ("last": the newest); never train over a run."""
     out = Path(output_dir)
     if out.is_file():
         raise TinyVLAError(f"output_dir {out} is a file; choose a directory")
@@ -231,19 +223,16 @@ class ArraysOnly(pickle.Unpickler):
 
 def local_dir(repo_id, kind):
     """A local dir as it is, else a hub repo (kind: model or dataset) downloaded into the HF cache."""
-    if Path(repo_id).exists():
-        return Path(repo_id)
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(repo_id, repo_type=kind))
+        return Path(repo_id) if Path(repo_id).exists() else Path(snapshot_download(repo_id, repo_type=kind))
     except Exception as err:  # offline, unknown id, no access...
-        raise TinyVLAError(f"{kind} {repo_id!r} is not a local dir and could not be downloaded ({type(err).__name__})"
-                           ) from None
+        raise TinyVLAError(f"{kind} {repo_id!r} is neither a local dir nor a hub repo that could be downloaded "
+                           f"({type(err).__name__})") from None
 
 
 def load_run_info(ckpt):
-    """(model dir, ModelArgs, DataArgs, action stats) of a TinyVLA checkpoint (dir or hub id), or of a run saved by
-    VLA-0's reference code (NVlabs/vla0: model_last/ with dataset_stats.pkl and its config.yaml beside it)."""
+    """(model dir, ModelArgs, DataArgs, action stats) of a TinyVLA checkpoint or a NVlabs/vla0 run (dir or hub id)."""
     ckpt = local_dir(str(ckpt), "model")
     if (ckpt / RUN_CONFIG).exists() and (ckpt / ACTION_STATS).exists():
         run = json.loads((ckpt / RUN_CONFIG).read_text())
@@ -256,7 +245,7 @@ def load_run_info(ckpt):
         with open(model_dir.parent / REF_STATS, "rb") as f:
             bounds = ArraysOnly(f).load()["out_ori_act"]
         lo, hi = np.asarray(bounds["min"], np.float64).tolist(), np.asarray(bounds["max"], np.float64).tolist()
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+    except Exception as err:  # not ours to run, or not the dict of arrays the reference writes
         raise TinyVLAError(f"{model_dir.parent / REF_STATS} is not VLA-0's action stats, a dict of numpy arrays "
                            f"({err}); not loading it") from None
     ref = model_dir.parent / "config.yaml"
@@ -307,13 +296,6 @@ def load_lerobot(repo_id, keys):
     return ds.select_columns([*keys, "episode_index", "frame_index", "task_index"]), tasks
 
 
-def action_bounds(actions, task_of_row, rows):
-    """Min/max per action dimension over the training rows: global and per task."""
-    bounds = lambda a: {"lo": a.min(0).tolist(), "hi": a.max(0).tolist()}
-    return {"global": bounds(actions[rows]),
-            "per_task": {t: bounds(actions[rows[task_of_row[rows] == t]]) for t in np.unique(task_of_row[rows])}}
-
-
 def bounds_for(stats, norm, task):
     if norm == "per_task":
         if task in stats["per_task"]:
@@ -329,11 +311,8 @@ def actions_to_text(actions, lo, hi, bins):
 
 def text_to_actions(text, lo, hi, bins, horizon):
     """Inverse of actions_to_text; None when the text is not exactly horizon x dim integers in 0..bins."""
-    try:
-        values = np.array([int(v) for v in text.split()], dtype=np.float64)
-    except ValueError:
-        return None
-    if values.size != horizon * len(lo) or values.min() < 0 or values.max() > bins:
+    values = np.array(text.split() if re.fullmatch(r"\d+( \d+)*", text.strip()) else [], dtype=np.float64)
+    if values.size != horizon * len(lo) or values.max() > bins:
         return None
     return values.reshape(horizon, len(lo)) / bins * (hi - lo) + lo
 
@@ -346,8 +325,7 @@ def mask_digits(text, pct, rng=random):
 
 
 def prepare_images(images, d, train=False):
-    """Camera frames (HWC uint8) -> crop (random at train, centre at eval), resize, jitter at train, tile.
-    Shared by training, generation metrics and the LIBERO policy."""
+    """Camera frames (HWC uint8) -> crop (random at train, else centre), resize, jitter (train), tile. Train = eval."""
     import torchvision.transforms.v2 as T
     import torchvision.transforms.v2.functional as F
     out = []
@@ -416,7 +394,9 @@ def build_datasets(d, seed):
     n_val = min(max(1, round(d.val_ratio * len(ep_ids))), len(ep_ids) - 1) if d.val_ratio > 0 else 0
     train_rows = np.flatnonzero(np.isin(episodes, ep_ids[n_val:]))
     val_rows = np.flatnonzero(np.isin(episodes, ep_ids[:n_val]))
-    stats = action_bounds(actions, tasks, train_rows)
+    bounds = lambda a: {"lo": a.min(0).tolist(), "hi": a.max(0).tolist()}  # per action dimension, train split only
+    stats = {"global": bounds(actions[train_rows]), "per_task": {
+        t: bounds(actions[train_rows[tasks[train_rows] == t]]) for t in np.unique(tasks[train_rows])}}
     images = ds.select_columns(d.image_keys).select(order)  # row i of `images` is row i of the sorted arrays
     make = lambda rows, train: VLADataset(images, rows, actions, ep_end, tasks, stats, d, train)
     return make(train_rows, True), (make(val_rows, False) if n_val else None), stats
@@ -486,17 +466,6 @@ def load_model(model_id, m, d, device=None):
     return (model.to(device) if device else model), processor
 
 
-class SaveEveryEpochs(TrainerCallback):
-    """save_strategy "epoch" saves every epoch; keep only every n-th (runs after TRL's DefaultFlowCallback)."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if args.save_strategy == "epoch" and round(state.epoch) % self.n:
-            control.should_save = False
-
-
 class VLATrainer(SFTTrainer):
     """SFTTrainer + the run config and action stats in every checkpoint, generation metrics, and a best model."""
 
@@ -505,16 +474,19 @@ class VLATrainer(SFTTrainer):
         val = val_set and val_set.as_hf(e["eval_max_batches"] * kwargs["args"].per_device_eval_batch_size)
         super().__init__(*args, train_dataset=train_set.as_hf(), eval_dataset=val, data_collator=collator, **kwargs)
         self.val_set, self.run_config, self.stats = val_set, run_config, stats
-        self.add_callback(SaveEveryEpochs(e["save_every_epochs"]))
+
+    def _save_checkpoint(self, model, trial):  # save_strategy "epoch" saves every epoch: keep every n-th
+        n = self.run_config["eval"]["save_every_epochs"]
+        if self.args.save_strategy != "epoch" or round(self.state.epoch) % n == 0:
+            super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
         save_run_info(output_dir or self.args.output_dir, self.run_config, self.stats)
 
     def _load_from_checkpoint(self, checkpoint, model=None):
-        # transformers 5 saves Qwen2.5-VL under its original key names and the Trainer loads them back unconverted
-        # and non-strictly (transformers#43701): the weights silently stay at the base model. from_pretrained
-        # converts the names; strict loading makes any other mismatch an error.
+        # transformers 5 saves Qwen2.5-VL under its original key names, which the Trainer loads back unconverted and
+        # non-strictly (transformers#43701): the base weights silently stay. from_pretrained converts; strict checks.
         model = model or self.model
         if hasattr(model, "peft_config"):  # LoRA: PEFT loads the adapter itself
             return super()._load_from_checkpoint(checkpoint, model)
@@ -542,9 +514,8 @@ class VLATrainer(SFTTrainer):
         val, n = self.val_set, self.run_config["eval"]["gen_eval_samples"]
         idx = np.linspace(0, len(val) - 1, min(n, len(val))).astype(int)
         samples = [val[i] for i in idx]
-        model = self.accelerator.unwrap_model(self.model)
-        pred, ok = predict(model, self.data_collator, self.stats, [s["images"] for s in samples],
-                           [s["task"] for s in samples])
+        pred, ok = predict(self.accelerator.unwrap_model(self.model), self.data_collator, self.stats,
+                           [s["images"] for s in samples], [s["task"] for s in samples])
         err = pred - np.stack([val.chunk(i) for i in idx])  # NaN rows where an answer did not parse
         err = err[ok] if ok.any() else err[:1]
         dim_mae = np.abs(err).mean((0, 1))
@@ -554,9 +525,8 @@ class VLATrainer(SFTTrainer):
 
 # ----------------------------------------------------------------------------- decoding
 class ActionGrammar(LogitsProcessor):
-    """Constrains generation to exactly `n` integers in 0..max_value (no leading zeros) separated by single
-    spaces, then the end token: every output parses. Table-driven, state per sequence on tensors: a few tensor
-    ops per step, whatever the batch or vocab size."""
+    """Exactly `n` integers in 0..max_value (no leading zeros), single spaces, then the end token: every output parses.
+    Table-driven, state per sequence on tensors: a few tensor ops per step, whatever the batch or vocab size."""
 
     def __init__(self, tokenizer, n, max_value):
         self.n, self.state, self.count = n, None, None
@@ -601,8 +571,8 @@ def max_answer_tokens(n):
 
 @torch.no_grad()
 def predict(model, collator, stats, images, tasks, static_cache=False):
-    """Batched constrained greedy decoding -> (actions [B, H, D], parsed [B]). Unparsed rows are NaN.
-    static_cache pads the batch to a power of two and the prompt to PROMPT_BUCKET tokens: few compiled shapes."""
+    """Batched constrained greedy decoding -> (actions [B, H, D], parsed [B]; NaN rows where unparsed). static_cache
+    pads the batch to a power of two and the prompt to PROMPT_BUCKET tokens: few compiled shapes."""
     d, tok, b = collator.d, collator.processor.tokenizer, len(tasks)
     pad = 2 ** math.ceil(math.log2(b)) - b if static_cache else 0
     samples = [{"images": i, "task": t} for i, t in zip([*images, *images[-1:] * pad], [*tasks, *tasks[-1:] * pad])]
@@ -626,10 +596,8 @@ class Policy:
 
     def __init__(self, ckpt, device=None, static_cache=False):
         model_dir, self.m, self.d, self.stats = load_run_info(ckpt)
-        self.static_cache = static_cache
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cpu":
-            self.m.dtype = "float32"
+        self.static_cache, device = static_cache, device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.m.dtype = "float32" if device == "cpu" else self.m.dtype
         self.model, processor = load_model(str(model_dir), self.m, self.d, device)
         self.collator = Collator(processor, self.d, len(self.stats["global"]["lo"]))
         self.parse_failures = 0
@@ -644,9 +612,8 @@ class Policy:
 
 # ----------------------------------------------------------------------------- ensembling
 class ActionEnsembler:
-    """Keeps the last `window` chunks; step t's action is the weighted average of every kept chunk's prediction for
-    t. VLA-0's weights (its eval's ensemble_version): 1, the newest chunk 1 and every older one `weight`; 2, the chunk
-    k queries old weight**k. weight 1 is a plain average."""
+    """Step t's action: the weighted average of the last `window` chunks' predictions for t. VLA-0's versions: 1, the
+    newest chunk weighs 1 and every older one `weight`; 2, a chunk k queries old weighs weight**k (1: uniform)."""
 
     def __init__(self, window, version=1, weight=0.5):
         self.chunks, self.version, self.weight = deque(maxlen=window), version, weight
@@ -693,9 +660,8 @@ def setup_libero(assets=""):
 
 
 def env_worker(conn, assets, e, out_dir):
-    """One simulator per process (each owns its render context), running whole episodes: it sends ("obs", images)
-    when it needs a chunk, ensembles the chunks, writes the episode's video itself (encoding runs in parallel) and
-    answers ("done", result) or ("error", message). Gets an episode, or None to exit."""
+    """One simulator per process (own render context) running whole episodes it gets (None: exit): sends ("obs", images)
+    for each chunk, ensembles, writes the video (encoding in parallel), answers ("done", result) or ("error", text)."""
     setup_libero(assets)
     from libero.libero import benchmark, get_libero_path
     from libero.libero.envs import OffScreenRenderEnv
@@ -763,8 +729,7 @@ def episode_key(ep):
 
 
 def read_results(*paths):
-    """The finished episodes in results files, each once; a half-written last line (killed, or a shard still
-    writing) is not one."""
+    """The finished episodes in results files, each once; a half-written last line (killed, still writing) is not."""
     texts = [path.read_text() if path.exists() else "" for path in paths]
     rows = [json.loads(line) for text in texts for line in text[: text.rfind("\n") + 1].splitlines()]
     return list({episode_key(r): r for r in reversed(rows)}.values())[::-1]  # the first of duplicates, in order
@@ -829,9 +794,9 @@ def evaluate_libero(ckpt, e, policy=None):
     while any(running):
         # every stepping env answers each round (lockstep keeps the policy batch full); an env building a new scene
         # (seconds) joins when ready, and is waited for only when nothing else runs
-        resetting = [i for i, ep in enumerate(running) if ep and not stepping[i]]
-        ready = [i for i, ep in enumerate(running) if ep and stepping[i]] + [i for i in resetting if conns[i].poll()]
-        ready = ready or [i for i in resetting if conns[i] in mp_wait([conns[j] for j in resetting])]
+        live = [i for i, ep in enumerate(running) if ep]
+        ready = [i for i in live if stepping[i] or conns[i].poll()] or [
+            conns.index(c) for c in mp_wait([conns[i] for i in live])]  # all building scenes: the first one done
         asking, images = [], []
         for i in ready:
             try:

@@ -150,8 +150,9 @@ def bench_train(real=False, steps=5):
                     "--bf16", str(real), "--use_cpu", str(not real), *extra]
             trainer = tinyvla.make_trainer(*tinyvla.parse_args(argv))
             times = []
+            from transformers import TrainerCallback
 
-            class Clock(tinyvla.TrainerCallback):
+            class Clock(TrainerCallback):
                 def on_step_begin(self, *a, **k):
                     if real:
                         torch.cuda.synchronize()

@@ -33,7 +33,8 @@ def test_repo_config_yaml_is_the_reference_recipe():
     assert (t.per_device_train_batch_size * 8 * t.gradient_accumulation_steps, t.learning_rate) == (64, 4e-5)
     assert (str(t.lr_scheduler_type), t.warmup_steps, t.max_grad_norm, t.max_steps) == (
         "SchedulerType.CONSTANT", 0, 1.0, 80000)
-    assert (t.adam_beta1, t.adam_beta2, t.weight_decay, str(t.optim)) == (0.9, 0.999, 1e-10, "OptimizerNames.ADAMW_TORCH_FUSED")
+    assert (t.adam_beta1, t.adam_beta2, t.weight_decay, str(t.optim)) == (
+        0.9, 0.999, 1e-10, "OptimizerNames.ADAMW_TORCH_FUSED")
     assert (e.action_horizon, e.ensemble_window, e.ensemble_version, e.ensemble_weight) == (1, 8, 1, 0.5)
 
 
@@ -76,6 +77,7 @@ def test_cli_error_is_one_line_nonzero_and_writes_nothing(tmp_path):
                            cwd=tmp_path, timeout=300)
         lines = [line for line in r.stderr.splitlines() if line.startswith("tinyvla: error")]
         assert r.returncode != 0 and len(lines) == 1, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines() == lines  # and nothing else: no warnings the user did not cause
         assert "Traceback" not in r.stderr
     assert not out.exists()
 
@@ -105,7 +107,7 @@ BAD_INPUTS = [  # (flags, what the one line must say); each is checked before an
     (["--output_dir", "{a_file}"], "is a file; choose a directory"),
     (["--repo_id", "{truncated}"], "is not a readable parquet file"),
     (["--repo_id", "{nan_actions}"], "actions is NaN or inf in 1 frames, the first in episode 2 frame 5"),
-    (["--repo_id", "{missing}"], "is not a local dir and could not be downloaded"),
+    (["--repo_id", "{missing}"], "is neither a local dir nor a hub repo that could be downloaded"),
 ]
 
 

@@ -61,7 +61,7 @@ def test_resume_and_no_overwrite(tiny_model, dataset_v2, tmp_path):
     run_cli(*args)
     before = (out / "final/model.safetensors").stat().st_mtime_ns
     r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "already holds checkpoints" in r.stderr.splitlines()[-1]
+    assert r.returncode != 0 and "already holds a run" in r.stderr.splitlines()[-1]
     assert (out / "final/model.safetensors").stat().st_mtime_ns == before
     run_cli(*train_args(tiny_model, dataset_v2, out, "--eval_strategy", "no", "--max_steps", "6",
                         "--resume_from_checkpoint", out / "checkpoint-4"))
@@ -120,8 +120,8 @@ def test_kill_during_save_resumes_from_the_last_complete_checkpoint(tiny_model, 
     complete = max((c for c in out.glob("checkpoint-*") if tinyvla.is_complete(c)), key=lambda c: int(c.name[11:]))
     step = int(complete.name[11:])
     assert step == int(partial.name[11:]) - 1
-    for extra, message in ((), "already holds checkpoints; add --resume_from_checkpoint last"),\
-            (("--resume_from_checkpoint", partial), "is not a complete checkpoint"):
+    for extra, message in [((), "already holds a run; add --resume_from_checkpoint last"),
+                           (("--resume_from_checkpoint", partial), "is not a complete checkpoint")]:
         r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args, *extra], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode != 0 and message in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
