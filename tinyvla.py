@@ -16,6 +16,8 @@ import sys
 import warnings
 from argparse import ArgumentError
 from collections import deque
+from contextlib import suppress
+from operator import itemgetter
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.util import find_spec
 from pathlib import Path
@@ -42,12 +44,13 @@ SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 3
 STANDARD_SUITES = ["libero_spatial", "libero_object", "libero_goal", "libero_10"]  # what --suite all runs
 WAIT_STEPS, WAIT_ACTION = 10, [0.0] * 6 + [-1.0]  # let objects settle after set_init_state, gripper open
 ENV_SEED, CAMERA_RES = 7, 256
+TOKENS_PER_NUMBER = 5  # answer length bound: up to 4 digits ("1000"), then a space or (after the last) the end token
 PROMPT_BUCKET = 64  # static_cache: prompts are left-padded to a multiple of this, so few shapes get compiled
 
 
 # No business of the user's: robosuite's macro-file advice, a bitsandbytes kernel fetch, a deprecated name PEFT reads
-logging.getLogger("robosuite_logs").addFilter(lambda record: "macro" not in record.getMessage())
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.msg)
+logging.getLogger("robosuite_logs").addFilter(lambda r: "macro" not in r.getMessage())
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
 
 
@@ -72,13 +75,11 @@ class Checked:
     def __post_init__(self):
         for f in fields(self):
             value, kind, valid = getattr(self, f.name), f.type, re.search(r" In (\S+, \S+)\.$", f.metadata["help"])
-            if get_origin(kind) is Literal:
-                if value not in get_args(kind):
-                    raise TinyVLAError(f"{f.name} must be one of {', '.join(map(repr, get_args(kind)))}, got {value!r}")
-                continue
-            kind = get_origin(kind) or kind
-            if not isinstance(value, (int, float) if kind is float else kind) or (  # an int is a fine float
-                    isinstance(value, bool) and kind is not bool):  # but True is no number
+            choices, kind = get_args(kind) if get_origin(kind) is Literal else (), get_origin(kind) or kind
+            if choices and (value not in choices or isinstance(value, bool)):  # True == 1, but is no choice
+                raise TinyVLAError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            if not choices and (not isinstance(value, (int, float) if kind is float else kind) or (  # an int is a float
+                    isinstance(value, bool) and kind is not bool)):  # but True is no number
                 raise TinyVLAError(f"{f.name} must be {kind.__name__}, got {value!r}")
             if valid and not in_interval(value, valid[1]):
                 raise TinyVLAError(f"{f.name} must be in {valid[1]}, got {value!r}")
@@ -103,7 +104,7 @@ class DataArgs(Checked):
     train_suite: Literal[("", *SUITE_MAX_STEPS)] = arg("", "Train on one LIBERO suite's tasks only (empty: all).")
     val_ratio: float = arg(0.1, "Fraction of episodes held out for validation.", "[0, 1)")
     horizon: int = arg(8, "Actions predicted per observation.", "[1, inf)")
-    num_bins: int = arg(1000, "Actions are integers 0..num_bins.", "[1, 9999]")  # 4 digits: max_answer_tokens
+    num_bins: int = arg(1000, "Actions are integers 0..num_bins.", "[1, 9999]")  # 4 digits: TOKENS_PER_NUMBER
     action_norm: Literal["global", "per_task"] = arg("global", "Action bounds over all tasks, or per task.")
     img_size: int = arg(224, "Side of each camera image after crop+resize.", "[28, inf)")  # one 28 px ViT patch
     crop_ratio: float = arg(0.875, "Crop side / image side (random at train).", "(0, 1]")
@@ -146,7 +147,7 @@ def parse_args(argv=None):
     parser.set_defaults(  # project defaults for TRL fields; config.yaml and flags still override them
         output_dir="runs/tinyvla", eval_strategy="epoch", save_strategy="epoch", logging_steps=10, report_to="none",
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
-        gradient_checkpointing=None,  # TRL's default (True) sets a name transformers deprecates: it warned each run
+        gradient_checkpointing=None,  # TRL's True set a name transformers deprecates (a warning); off unless asked
         bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())  # so CPU-only machines just work
     saved = Path(argv[argv.index("--eval") + 1], RUN_CONFIG) if "--eval" in argv[:-1] else None
     if saved and saved.exists():  # the checkpoint's eval settings become the defaults; yaml and flags still win
@@ -157,46 +158,52 @@ def parse_args(argv=None):
     except (ArgumentError, ValueError, OSError, yaml.YAMLError) as e:  # also unknown keys, a bad or missing yaml
         raise TinyVLAError(str(e).split(". Please")[0].replace("\n", " ") + " (--help lists the options)") from None
     for name, valid in {"per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",  # TRL's
-                        "gradient_accumulation_steps": "[1, inf)", "learning_rate": "[0, inf)"}.items():
-        if not in_interval(getattr(targs, name), valid):
+                        "gradient_accumulation_steps": "[1, inf)", "dataloader_num_workers": "[0, inf)",
+                        "learning_rate": "[0, inf)", "max_grad_norm": "[0, inf)", "weight_decay": "[0, inf)"}.items():
+        if not isinstance(getattr(targs, name), (int, float)) or not in_interval(getattr(targs, name), valid):
             raise TinyVLAError(f"{name} must be in {valid}, got {getattr(targs, name)!r}")
     if len(dargs.image_keys) not in (1, 2):
         raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
     if eargs.shard_id >= eargs.num_shards:
-        raise TinyVLAError(f"shard_id must be in [0, {eargs.num_shards - 1}] for num_shards {eargs.num_shards}, "
-                           f"got {eargs.shard_id}")
+        raise TinyVLAError(f"shard_id must be in [0, {eargs.num_shards - 1}] (below num_shards), got {eargs.shard_id}")
     if dargs.val_ratio == 0:
         targs.eval_strategy = "no"  # nothing to evaluate on
     if not eargs.eval:
-        targs.resume_from_checkpoint = resume_point(targs.output_dir, targs.resume_from_checkpoint)
+        targs.resume_from_checkpoint = resume_point(targs.output_dir, targs.resume_from_checkpoint, targs.max_steps)
+    if eargs.eval_after_train and libero_root() and eargs.action_horizon > dargs.horizon:  # now, not after training
+        raise TinyVLAError(f"action_horizon {eargs.action_horizon} is longer than the chunks (horizon {dargs.horizon})")
     return margs, dargs, eargs, targs
 
 
-def is_complete(ckpt):  # the Trainer writes trainer_state.json last: a kill while saving leaves none, or a torn one
+def trained_steps(ckpt):
+    """A checkpoint's global step; None if incomplete (trainer_state.json, written last, missing or torn by a kill)."""
     try:
-        return "global_step" in json.loads(Path(ckpt, "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
+        return json.loads(Path(ckpt, "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
-def resume_point(output_dir, resume):
+def resume_point(output_dir, resume, max_steps):
     """--resume_from_checkpoint as a complete checkpoint or None ("last": the newest); never train over a run."""
     out = Path(output_dir)
     if out.is_file():
         raise TinyVLAError(f"output_dir {out} is a file; choose a directory")
     ckpts = sorted((c for c in out.glob("checkpoint-*") if c.name[11:].isdigit()), key=lambda c: int(c.name[11:]))
     if resume == "last":
-        resume = next((str(c) for c in reversed(ckpts) if is_complete(c)), None)
+        resume = next((str(c) for c in reversed(ckpts) if trained_steps(c) is not None), None)
         for c in ckpts[ckpts.index(Path(resume)) + 1 if resume else 0:]:
             warnings.warn(f"{c} is incomplete (the run was killed while saving it): resuming from {resume}")
         if not resume:
-            raise TinyVLAError(f"no complete checkpoint in {out} to resume from; drop --resume_from_checkpoint")
-    elif resume and not is_complete(resume):
+            raise TinyVLAError(f"no complete checkpoint in {out} to resume from; move that dir away or choose another "
+                               "--output_dir")
+    elif resume and trained_steps(resume) is None:
         raise TinyVLAError(f"resume_from_checkpoint {resume} is not a complete checkpoint (missing, or cut short by a "
                            f"kill while saving); use --resume_from_checkpoint last for the newest complete one")
     elif not resume and (ckpts or (out / "final").exists()):
-        raise TinyVLAError(f"{out} already holds a run; add --resume_from_checkpoint last to continue it, or choose "
-                           "another --output_dir")
+        raise TinyVLAError(f"{out} already holds a run; continue it with --resume_from_checkpoint last, or move it "
+                           "away or choose another --output_dir")
+    if resume and 0 < max_steps <= trained_steps(resume):
+        raise TinyVLAError(f"{resume} has reached max_steps {max_steps}: nothing left to train (raise --max_steps)")
     return resume
 
 
@@ -216,7 +223,7 @@ class ArraysOnly(pickle.Unpickler):
     """Unpickles containers of numpy arrays and nothing else: a downloaded pickle must not run code."""
 
     def find_class(self, module, name):
-        if module.split(".")[0] != "numpy" or name not in ("ndarray", "dtype", "_reconstruct", "scalar"):
+        if module.split(".")[0] != "numpy" or name not in ("ndarray", "dtype", "_reconstruct", "scalar", "_frombuffer"):
             raise pickle.UnpicklingError(f"it asks for {module}.{name}")
         return super().find_class(module, name)
 
@@ -297,11 +304,10 @@ def load_lerobot(repo_id, keys):
 
 
 def bounds_for(stats, norm, task):
-    if norm == "per_task":
-        if task in stats["per_task"]:
-            return np.array(stats["per_task"][task]["lo"]), np.array(stats["per_task"][task]["hi"])
+    if norm == "per_task" and task not in stats["per_task"]:
         warnings.warn(f"task {task!r} unseen in training; using global action bounds")  # once per task
-    return np.array(stats["global"]["lo"]), np.array(stats["global"]["hi"])
+    bounds = stats["per_task"][task] if norm == "per_task" and task in stats["per_task"] else stats["global"]
+    return np.array(bounds["lo"]), np.array(bounds["hi"])
 
 
 def actions_to_text(actions, lo, hi, bins):
@@ -411,9 +417,8 @@ def single_token_id(tokenizer, text):
 
 
 class Collator:
-    """Chat prompt (system text, images, instruction) + answer tokens + END_TOKEN. Only the answer's unmasked
-    characters and END_TOKEN are supervised. Answers are tokenized one character per token, so a masked digit
-    is exactly one input token (Qwen's BPE would merge ' ?' or '??')."""
+    """Chat prompt (system text, images, instruction) + answer + END_TOKEN; supervised: unmasked answer characters and
+    END_TOKEN. One token per answer character, so a masked digit is one input token (Qwen's BPE merges ' ?', '??')."""
 
     def __init__(self, processor, d, action_dim, padding_side="right"):
         self.processor, self.d, self.padding_side = processor, d, padding_side
@@ -488,7 +493,7 @@ class VLATrainer(SFTTrainer):
         # transformers 5 saves Qwen2.5-VL under its original key names, which the Trainer loads back unconverted and
         # non-strictly (transformers#43701): the base weights silently stay. from_pretrained converts; strict checks.
         model = model or self.model
-        if hasattr(model, "peft_config"):  # LoRA: PEFT loads the adapter itself
+        if hasattr(model, "peft_config") or not hasattr(model, "from_pretrained"):  # LoRA (PEFT), FSDP: their own
             return super()._load_from_checkpoint(checkpoint, model)
         saved = type(model).from_pretrained(checkpoint, dtype=model.dtype)
         model.load_state_dict(saved.state_dict(), strict=True)
@@ -565,10 +570,6 @@ class ActionGrammar(LogitsProcessor):
         return out
 
 
-def max_answer_tokens(n):
-    return n * 4 + (n - 1) + 1  # n numbers of up to 4 digits ("1000"), n-1 spaces, the end token
-
-
 @torch.no_grad()
 def predict(model, collator, stats, images, tasks, static_cache=False):
     """Batched constrained greedy decoding -> (actions [B, H, D], parsed [B]; NaN rows where unparsed). static_cache
@@ -578,9 +579,8 @@ def predict(model, collator, stats, images, tasks, static_cache=False):
     samples = [{"images": i, "task": t} for i, t in zip([*images, *images[-1:] * pad], [*tasks, *tasks[-1:] * pad])]
     inputs = collator.prompts(samples, PROMPT_BUCKET if static_cache else None, model.device).to(model.device)
     n = d.horizon * len(stats["global"]["lo"])
-    # generate() fills unset fields from the checkpoint's generation_config, and Qwen's has do_sample and
-    # repetition_penalty 1.05 (which bends repeated digits): set them all explicitly.
-    gen = GenerationConfig(max_new_tokens=max_answer_tokens(n), do_sample=False, num_beams=1, repetition_penalty=1.0,
+    # set every field: generate() fills unset ones from Qwen's generation_config (sampling, repetition penalty 1.05)
+    gen = GenerationConfig(max_new_tokens=TOKENS_PER_NUMBER * n, do_sample=False, num_beams=1, repetition_penalty=1.0,
                            eos_token_id=collator.end_id, pad_token_id=collator.pad_id,
                            cache_implementation="static" if static_cache else None)  # static: generate() compiles
     out = model.generate(**inputs, generation_config=gen, logits_processor=[ActionGrammar(tok, n, d.num_bins)])
@@ -660,7 +660,7 @@ def setup_libero(assets=""):
 
 
 def env_worker(conn, assets, e, out_dir):
-    """One simulator per process (own render context) running whole episodes it gets (None: exit): sends ("obs", images)
+    """One simulator per process (own render context) running whole episodes it gets: sends ("obs", images)
     for each chunk, ensembles, writes the video (encoding in parallel), answers ("done", result) or ("error", text)."""
     setup_libero(assets)
     from libero.libero import benchmark, get_libero_path
@@ -668,9 +668,7 @@ def env_worker(conn, assets, e, out_dir):
     env, current = None, None
     while True:
         try:
-            ep = conn.recv()
-            if ep is None:
-                break
+            ep = conn.recv()  # EOF: the main process is done (or stopped)
             suite, task_id = ep["suite"], ep["task_id"]
             bench = benchmark.get_benchmark_dict()[suite]()
             if current != (suite, task_id):
@@ -701,7 +699,7 @@ def env_worker(conn, assets, e, out_dir):
                 name = f"{suite}_task{task_id}_ep{ep['episode']}_{'success' if done else 'failure'}.mp4"
                 imageio.mimsave(Path(out_dir, name), frames, fps=20)
             conn.send(("done", {**ep, "success": bool(done), "steps": t}))
-        except (EOFError, BrokenPipeError):  # the main process has stopped (an error, ctrl-c)
+        except (EOFError, BrokenPipeError, ConnectionResetError):  # the main process is done, or has stopped
             break
         except Exception as err:  # the main process stops with this as one line (bad assets, a MuJoCo error...)
             conn.send(("error", f"{type(err).__name__}: {err}"))
@@ -724,28 +722,29 @@ def episode_list(e):
     return out
 
 
-def episode_key(ep):
-    return ep["suite"], ep["task_id"], ep["episode"]
+episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an episode in results
 
 
 def read_results(*paths):
     """The finished episodes in results files, each once; a half-written last line (killed, still writing) is not."""
     texts = [path.read_text() if path.exists() else "" for path in paths]
     rows = [json.loads(line) for text in texts for line in text[: text.rfind("\n") + 1].splitlines()]
-    return list({episode_key(r): r for r in reversed(rows)}.values())[::-1]  # the first of duplicates, in order
+    first = {}
+    for r in rows:
+        first.setdefault(episode_key(r), r)  # two runs wrote one episode: the first counts
+    return list(first.values())
 
 
 def results_table(results):
-    """Per-task and per-suite success rates as markdown, plus the same as a dict."""
-    by_task, summary = {}, {}
+    """Per-task and per-suite success rates as markdown, plus the per-suite rates."""
+    tasks, suites = {}, {}
     for r in results:
-        by_task.setdefault((r["suite"], r["task_id"], r["task"]), []).append(r["success"])
-    lines = ["| suite | task | episodes | success |", "|---|---|---|---|"]
-    for (suite, tid, task), s in sorted(by_task.items()):
-        lines.append(f"| {suite} | {tid}: {task} | {len(s)} | {100 * np.mean(s):.1f}% |")
-        summary.setdefault(suite, []).extend(s)
-    lines += [f"| **{suite}** | all | {len(s)} | **{100 * np.mean(s):.1f}%** |" for suite, s in summary.items()]
-    return "\n".join(lines), {suite: float(np.mean(s)) for suite, s in summary.items()}
+        tasks.setdefault((r["suite"], r["task_id"], r["task"]), []).append(r["success"])
+        suites.setdefault(r["suite"], []).append(r["success"])
+    lines = ["| suite | task | episodes | success |", "|---|---|---|---|"] + [
+        f"| {s} | {tid}: {task} | {len(v)} | {100 * np.mean(v):.1f}% |" for (s, tid, task), v in sorted(tasks.items())]
+    lines += [f"| **{s}** | all | {len(v)} | **{100 * np.mean(v):.1f}%** |" for s, v in sorted(suites.items())]
+    return "\n".join(lines), {s: float(np.mean(v)) for s, v in sorted(suites.items())}
 
 
 def evaluate_libero(ckpt, e, policy=None):
@@ -763,14 +762,15 @@ def evaluate_libero(ckpt, e, policy=None):
     out_dir = Path(e.eval_dir or Path(ckpt) / "libero_eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / f"results_shard{e.shard_id}of{e.num_shards}.jsonl"
-    lock = open(results_file, "a")  # held until the process ends: one eval per results file
+    lock = open(out_dir / f".{results_file.name}.lock", "w")  # held until the process ends: one eval per file
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise TinyVLAError(f"another eval is writing {results_file}; wait for it to end, or give this one another "
                            "--eval_dir or --shard_id") from None
     results = read_results(results_file)  # from an earlier run of this shard: skipped now
-    results_file.write_text("".join(json.dumps(r) + "\n" for r in results))  # drops duplicates, a half-written line
+    results_file.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in results))
+    os.replace(results_file.with_suffix(".tmp"), results_file)  # duplicates, a torn line gone; a kill here loses none
     finished = {episode_key(r) for r in results}
     pending = deque(ep for ep in episodes if episode_key(ep) not in finished)
     ctx, conns, procs = mp.get_context("spawn"), [], []
@@ -787,17 +787,17 @@ def evaluate_libero(ckpt, e, policy=None):
     def start(i):  # give env i the next pending episode; its reset runs while the other envs keep stepping
         running[i], stepping[i] = (pending.popleft() if pending else None), False
         if running[i]:
-            conns[i].send(running[i])
+            with suppress(OSError):  # a dead worker: its EOF, received next round, reports it
+                conns[i].send(running[i])
 
     for i in range(len(conns)):
         start(i)
     while any(running):
-        # every stepping env answers each round (lockstep keeps the policy batch full); an env building a new scene
-        # (seconds) joins when ready, and is waited for only when nothing else runs
+        # stepping envs answer every round (lockstep: full policy batches); one building a scene joins when ready
         live = [i for i, ep in enumerate(running) if ep]
         ready = [i for i in live if stepping[i] or conns[i].poll()] or [
             conns.index(c) for c in mp_wait([conns[i] for i in live])]  # all building scenes: the first one done
-        asking, images = [], []
+        asking = []  # (env, its observation)
         for i in ready:
             try:
                 kind, payload = conns[i].recv()
@@ -808,8 +808,7 @@ def evaluate_libero(ckpt, e, policy=None):
                 raise TinyVLAError("the simulator failed in {suite} task {task_id} episode {episode}: ".format(
                     **running[i]) + f"{payload} (finished episodes are saved; rerun to resume)")
             if kind == "obs":
-                asking.append(i)
-                images.append(payload)
+                asking.append((i, payload))
                 stepping[i] = True
                 continue
             with open(results_file, "a") as f:  # one line per finished episode: a rerun skips it
@@ -821,13 +820,14 @@ def evaluate_libero(ckpt, e, policy=None):
             start(i)
         if asking:
             t_start = t_start or time.time()
-            chunks = policy(images, [running[i]["task"] for i in asking])
+            chunks = policy([images for _, images in asking], [running[i]["task"] for i, _ in asking])
             queries += len(asking)
-            for i, chunk in zip(asking, chunks):
-                conns[i].send(chunk)
+            for (i, _), chunk in zip(asking, chunks):
+                with suppress(OSError):  # as in start()
+                    conns[i].send(chunk)
     bar.close()
     for conn, proc in zip(conns, procs):
-        conn.send(None)
+        conn.close()  # the worker reads EOF: it closes its simulator and exits
         proc.join(timeout=30)
     elapsed = time.time() - (t_start or time.time())
     wanted = {episode_key(ep) for ep in all_episodes}  # this eval's episodes, each counted once over all shards

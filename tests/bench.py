@@ -92,7 +92,7 @@ def bench_generate(real=False):
     inputs = col.prompts([{"images": o, "task": t} for o, t in zip(obs(1), tasks(1))]).to(device)
     from transformers import GenerationConfig
     grammar = lambda: [tinyvla.ActionGrammar(processor.tokenizer, 56, d.num_bins)]
-    con = GenerationConfig(max_new_tokens=tinyvla.max_answer_tokens(56), do_sample=False, eos_token_id=col.end_id,
+    con = GenerationConfig(max_new_tokens=tinyvla.TOKENS_PER_NUMBER * 56, do_sample=False, eos_token_id=col.end_id,
                            pad_token_id=col.pad_id)
     n_tok = model.generate(**inputs, generation_config=con, logits_processor=grammar()).shape[1] - \
         inputs["input_ids"].shape[1]

@@ -47,6 +47,8 @@ def test_repo_config_yaml_is_the_reference_recipe():
     ({"image_keys": "image"}, "image_keys must be list"),
     ({"action_norm": "per_episode"}, "action_norm must be one of"),
     ({"learning_rate": "fast"}, "learning_rate"),
+    ({"learning_rate": [1]}, "learning_rate must be in [0, inf), got [1]"),
+    ({"ensemble_version": True}, "ensemble_version must be one of 1, 2, got True"),
 ])
 def test_bad_yaml_fails(tmp_path, content, message):
     cfg = tmp_path / "c.yaml"
@@ -71,8 +73,7 @@ def test_bad_flag_fails_without_abbreviation():
 
 def test_cli_error_is_one_line_nonzero_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    for argv in (["--horizn", "8"], ["--output_dir", str(out), "--repo_id", str(tmp_path / "missing")],
-                 ["--eval", str(tmp_path)]):
+    for argv in (["--horizn", "8"], ["--output_dir", str(out), "--repo_id", str(tmp_path / "missing")]):
         r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *argv], capture_output=True, text=True,
                            cwd=tmp_path, timeout=300)
         lines = [line for line in r.stderr.splitlines() if line.startswith("tinyvla: error")]
@@ -97,10 +98,12 @@ BAD_INPUTS = [  # (flags, what the one line must say); each is checked before an
     (["--num_envs", "0"], "num_envs must be in [1, inf), got 0"),
     (["--episodes_per_task", "0"], "episodes_per_task must be in [1, inf), got 0"),
     (["--num_shards", "0"], "num_shards must be in [1, inf), got 0"),
-    (["--shard_id", "2", "--num_shards", "2"], "shard_id must be in [0, 1] for num_shards 2, got 2"),
+    (["--shard_id", "2", "--num_shards", "2"], "shard_id must be in [0, 1] (below num_shards), got 2"),
     (["--action_horizon", "0"], "action_horizon must be in [1, inf), got 0"),
     (["--ensemble_window", "0"], "ensemble_window must be in [1, inf), got 0"),
     (["--image_keys", "a", "b", "c"], "image_keys takes one or two camera features"),
+    (["--dataloader_num_workers", "-1"], "dataloader_num_workers must be in [0, inf), got -1"),
+    (["--eval_after_train", "5", "--action_horizon", "9"], "action_horizon 9 is longer than the chunks (horizon 8)"),
     (["--config", "{bad_yaml}"], "while parsing"),
     (["--config", "{missing}"], "No such file"),
     (["--resume_from_checkpoint", "{missing}"], "is not a complete checkpoint"),

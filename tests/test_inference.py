@@ -38,7 +38,7 @@ def test_grammar_matches_reference_on_random_logits(tokenizer, seed, batch, n, m
     vocab = len(tokenizer)
     ids = torch.randint(0, vocab, (batch, 5), generator=g)  # a fake prompt
     texts = [""] * batch
-    for _ in range(tinyvla.max_answer_tokens(n) if max_value <= 1000 else 6 * n):
+    for _ in range(tinyvla.TOKENS_PER_NUMBER * n if max_value <= 1000 else 6 * n):
         scores = torch.randn(batch, vocab, generator=g) * 5
         scores[:, tokenizer.convert_tokens_to_ids(END)] -= 3  # let some rows run long
         out = proc(ids, scores)
@@ -58,9 +58,9 @@ def test_grammar_matches_reference_on_random_logits(tokenizer, seed, batch, n, m
         assert all(v == "0" or not v.startswith("0") for v in values)
 
 
-def test_max_answer_tokens_is_tight():
+def test_answer_token_bound_is_tight():
     worst = " ".join(["1000"] * 56)
-    assert tinyvla.max_answer_tokens(56) == len(worst) + 1 == 280
+    assert tinyvla.TOKENS_PER_NUMBER * 56 == len(worst) + 1 == 280
 
 
 @needs_shared
@@ -164,7 +164,7 @@ def test_generate_is_plain_constrained_greedy(policy):
     grammar, ids, generated = tinyvla.ActionGrammar(col.processor.tokenizer, n, 1000), inputs["input_ids"], []
     with torch.no_grad():
         full = dict(inputs)
-        for _ in range(tinyvla.max_answer_tokens(n)):
+        for _ in range(tinyvla.TOKENS_PER_NUMBER * n):
             logits = model(**full).logits[:, -1]
             nxt = grammar(ids, logits).argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
@@ -239,6 +239,14 @@ def test_reference_vla0_checkpoint_loads_as_a_policy(tiny_model, tmp_path):
         assert policy.d.horizon == 4 and policy.d.num_bins == 1000 and not policy.d.add_vision_id
         chunks = policy([[frame, frame]], ["open the drawer"])
         assert chunks.shape == (1, 4, 7) and (chunks >= lo - 1e-6).all() and (chunks <= hi + 1e-6).all()
+
+
+def test_reference_stats_pickle_protocol_5(tiny_model, tmp_path):
+    import pickle
+    run = reference_run(tmp_path, tiny_model, {})
+    stats = {"out_ori_act": {"min": np.zeros(7), "max": np.ones(7)}}
+    (run / "dataset_stats.pkl").write_bytes(pickle.dumps(stats, protocol=5))  # numpy's _frombuffer path
+    assert tinyvla.Policy(run, device="cpu").stats["global"]["hi"] == [1.0] * 7
 
 
 def test_reference_stats_pickle_runs_no_code(tiny_model, tmp_path):

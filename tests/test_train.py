@@ -1,6 +1,7 @@
 """End to end: the real entry point trains the tiny model (full FT, LoRA, 2 processes, real tokenizer)."""
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -54,22 +55,6 @@ def test_lora_targets_language_model_only(tiny_model):
     assert len(wrapped) == 2 * 7 and all(".language_model." in n for n in wrapped)
 
 
-def test_resume_and_no_overwrite(tiny_model, dataset_v2, tmp_path):
-    out = tmp_path / "run"
-    args = train_args(tiny_model, dataset_v2, out, "--save_strategy", "steps", "--save_steps", "2",
-                      "--eval_strategy", "no")
-    run_cli(*args)
-    before = (out / "final/model.safetensors").stat().st_mtime_ns
-    r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "already holds a run" in r.stderr.splitlines()[-1]
-    assert (out / "final/model.safetensors").stat().st_mtime_ns == before
-    run_cli(*train_args(tiny_model, dataset_v2, out, "--eval_strategy", "no", "--max_steps", "6",
-                        "--resume_from_checkpoint", out / "checkpoint-4"))
-    state = json.loads((out / "final/trainer_state.json").read_text()) if (out / "final/trainer_state.json").exists() \
-        else json.loads(max(out.glob("checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime).read_text())
-    assert state["global_step"] == 6
-
-
 def weights(path):
     """Every saved tensor of a checkpoint: the model, or the LoRA adapter."""
     from safetensors.torch import load_file
@@ -82,8 +67,16 @@ def test_resume_restores_the_saved_weights(lora, tiny_model, dataset_v2, tmp_pat
     first, resumed = tmp_path / "first", tmp_path / "resumed"
     args = ("--use_lora", lora, "--save_strategy", "steps", "--save_steps", 2, "--eval_strategy", "no")
     run_cli(*train_args(tiny_model, dataset_v2, first, *args))
-    # nothing left to train (the linear schedule is at lr 0): final/ must be exactly checkpoint-4
-    run_cli(*train_args(tiny_model, dataset_v2, resumed, *args, "--resume_from_checkpoint", first / "checkpoint-4"))
+    if not lora:  # the same command again: refused in one line, nothing overwritten
+        before = (first / "final/model.safetensors").stat().st_mtime_ns
+        again = [sys.executable, str(ROOT / "tinyvla.py"), *train_args(tiny_model, dataset_v2, first, *args)]
+        r = subprocess.run(again, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and "already holds a run" in r.stderr.splitlines()[-1]
+        assert (first / "final/model.safetensors").stat().st_mtime_ns == before
+    # the linear schedule ended at lr 0, and the optimizer state restores it: the one more step (max_steps 5) changes
+    # nothing, so final/ must be exactly checkpoint-4
+    run_cli(*train_args(tiny_model, dataset_v2, resumed, *args, "--resume_from_checkpoint", first / "checkpoint-4",
+                        "--max_steps", 5))
     saved, final, base = weights(first / "checkpoint-4"), weights(resumed / "final"), weights(tiny_model)
     assert saved.keys() == final.keys()
     assert all(torch.equal(saved[k], final[k]) for k in saved)
@@ -112,22 +105,29 @@ def test_kill_during_save_resumes_from_the_last_complete_checkpoint(tiny_model, 
                             stderr=subprocess.DEVNULL)
     deadline, partial = time.time() + 300, None
     while partial is None and time.time() < deadline and proc.poll() is None:  # a checkpoint being written
+        time.sleep(0.001)
         partial = next((c for c in out.glob("checkpoint-*") if int(c.name[11:]) >= 4 and
                         not (c / "trainer_state.json").exists()), None)
-    proc.kill()  # SIGKILL, in the middle of writing `partial`
+        if partial:
+            proc.send_signal(signal.SIGSTOP)  # frozen: is it still being written?
+            partial = None if (partial / "trainer_state.json").exists() else partial
+            proc.send_signal(signal.SIGKILL if partial else signal.SIGCONT)
     proc.wait()
-    assert partial is not None and not tinyvla.is_complete(partial)
-    complete = max((c for c in out.glob("checkpoint-*") if tinyvla.is_complete(c)), key=lambda c: int(c.name[11:]))
+    assert partial is not None and tinyvla.trained_steps(partial) is None
+    complete = max((c for c in out.glob("checkpoint-*") if tinyvla.trained_steps(c)), key=lambda c: int(c.name[11:]))
     step = int(complete.name[11:])
     assert step == int(partial.name[11:]) - 1
-    for extra, message in [((), "already holds a run; add --resume_from_checkpoint last"),
+    for extra, message in [((), "already holds a run; continue it with --resume_from_checkpoint last"),
                            (("--resume_from_checkpoint", partial), "is not a complete checkpoint")]:
         r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args, *extra], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode != 0 and message in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
-    assert tinyvla.resume_point(out, "last") == str(complete)
-    # transformers takes one step when resumed at max_steps: final/ is one step from `complete`, `step` from the base
-    r = run_cli(*args, "--resume_from_checkpoint", "last", "--max_steps", step)
+    assert tinyvla.resume_point(out, "last", 500) == str(complete)
+    r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args, "--resume_from_checkpoint", "last",
+                        "--max_steps", str(step)], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and f"{complete} has reached max_steps {step}" in r.stderr.splitlines()[-1]
+    # one more step: final/ is one step from `complete`, and `step` + 1 from the base model
+    r = run_cli(*args, "--resume_from_checkpoint", "last", "--max_steps", step + 1)
     assert f"{partial} is incomplete" in r.stderr
     final, saved, base = weights(out / "final"), weights(complete), weights(tiny_model)
     dist = lambda a, b: sum(float((a[k] - b[k]).norm()) for k in a)
