@@ -191,11 +191,11 @@ def resume_point(output_dir, resume, max_steps):
     ckpts = sorted((c for c in out.glob("checkpoint-*") if c.name[11:].isdigit()), key=lambda c: int(c.name[11:]))
     if resume == "last":
         resume = next((str(c) for c in reversed(ckpts) if trained_steps(c) is not None), None)
-        for c in ckpts[ckpts.index(Path(resume)) + 1 if resume else 0:]:
-            warnings.warn(f"{c} is incomplete (the run was killed while saving it): resuming from {resume}")
         if not resume:
             raise TinyVLAError(f"no complete checkpoint in {out} to resume from; move that dir away or choose another "
                                "--output_dir")
+        for c in ckpts[ckpts.index(Path(resume)) + 1:]:
+            warnings.warn(f"{c} is incomplete (the run was killed while saving it): resuming from {resume}")
     elif resume and trained_steps(resume) is None:
         raise TinyVLAError(f"resume_from_checkpoint {resume} is not a complete checkpoint (missing, or cut short by a "
                            f"kill while saving); use --resume_from_checkpoint last for the newest complete one")

@@ -148,3 +148,12 @@ def test_action_horizon_longer_than_the_chunks_is_one_line(trained_run, tmp_path
         tinyvla.main(["--eval", str(trained_run[0] / "final"), "--action_horizon", "9", "--eval_dir",
                       str(tmp_path / "eval")])
     assert not (tmp_path / "eval").exists()
+
+
+def test_resume_last_without_a_complete_checkpoint_is_one_line(tmp_path, recwarn):
+    (tmp_path / "run/checkpoint-2").mkdir(parents=True)  # killed during its first save
+    with pytest.raises(tinyvla.TinyVLAError, match="no complete checkpoint in .* move that dir away"):
+        tinyvla.parse_args(["--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", "last"])
+    with pytest.raises(tinyvla.TinyVLAError, match="already holds a run"):
+        tinyvla.parse_args(["--output_dir", str(tmp_path / "run")])
+    assert not [w for w in recwarn if "resuming from" in str(w.message)]  # nothing to resume from: no such warning
