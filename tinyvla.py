@@ -17,6 +17,7 @@ import warnings
 from argparse import ArgumentError
 from collections import deque
 from contextlib import suppress
+from functools import lru_cache
 from operator import itemgetter
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.util import find_spec
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor
@@ -278,7 +280,7 @@ def suite_tasks(suite):
 
 
 def load_lerobot(repo_id, keys):
-    """A LeRobot v2.x/v3.0 dataset as (datasets.Dataset, task strings by task_index); checks the features."""
+    """A LeRobot v2.x/v3.0 dataset as (datasets.Dataset without its videos, task strings by task_index, info, dir)."""
     import datasets
     import pyarrow.parquet as pq
     root = local_dir(repo_id, "dataset")
@@ -289,7 +291,7 @@ def load_lerobot(repo_id, keys):
     if missing:
         raise TinyVLAError(f"dataset {repo_id} has no feature {missing} (it has {sorted(info['features'])}); "
                            "set --image_keys / --action_key")
-    import pandas as pd  # v2.x: tasks.jsonl; v3.0: tasks.parquet, the task string as its index
+    # v2.x: tasks.jsonl; v3.0: tasks.parquet, the task string as its index
     df = pd.read_json(root / "meta/tasks.jsonl", lines=True).set_index("task") if (root / "meta/tasks.jsonl").exists() \
         else pd.read_parquet(root / "meta/tasks.parquet")
     tasks = dict(zip(df["task_index"], df.index))
@@ -300,7 +302,49 @@ def load_lerobot(repo_id, keys):
         except Exception as err:
             raise TinyVLAError(f"{f} is not a readable parquet file ({err}); download it again") from None
     ds = datasets.load_dataset("parquet", data_files=files, split="train")
-    return ds.select_columns([*keys, "episode_index", "frame_index", "task_index"]), tasks
+    stored = [k for k in keys if info["features"][k]["dtype"] != "video"]  # images in the parquet files
+    return ds.select_columns([*stored, "episode_index", "frame_index", "task_index", "timestamp"]), tasks, info, root
+
+
+def video_rows(root, info, key, episodes, times):
+    """Per row: (video file, frame time in it) of camera `key`. v2.x: a file per episode, starting at 0. v3.0: many
+    episodes per file, each camera its own file and offset in meta/episodes (data and video files roll over apart)."""
+    if info["codebase_version"].startswith("v2"):
+        where = {ep: (ep // info["chunks_size"], 0, 0.0) for ep in set(episodes)}
+    else:
+        cols = ["episode_index", *(f"videos/{key}/{c}" for c in ("chunk_index", "file_index", "from_timestamp"))]
+        meta = pd.concat(pd.read_parquet(f, columns=cols) for f in sorted(root.glob("meta/episodes/*/*.parquet")))
+        where = {ep: (c, f, t0) for ep, c, f, t0 in meta.itertuples(index=False)}
+    files = {ep: str(root / info["video_path"].format(video_key=key, episode_chunk=c, chunk_index=c, file_index=f,
+                                                      episode_index=ep)) for ep, (c, f, _) in where.items()}
+    missing = sorted({files[ep] for ep in set(episodes) if not Path(files[ep]).exists()})
+    if missing:
+        raise TinyVLAError(f"video files of {key} are missing ({len(missing)}, e.g. {missing[0]}); download them again")
+    return [(files[ep], where[ep][2] + t) for ep, t in zip(episodes, times)]
+
+
+@lru_cache(maxsize=64)  # open files per process; a forked DataLoader worker (another pid) opens its own
+def open_video(path, pid):
+    import av
+    return av.open(path)
+
+
+def video_frame(path, t, fps):
+    """Frame round(t * fps) of a video (PyAV), checked by its own timestamp: a neighbour is never returned."""
+    import av
+    want = round(t * fps)
+    try:
+        container = open_video(path, os.getpid())
+        stream = container.streams.video[0]
+        container.seek(int(max(want - 0.5, 0) / fps / stream.time_base), stream=stream)  # the keyframe before it
+        frame = next((f for f in container.decode(stream) if f.time >= (want - 0.5) / fps), None)
+    except av.FFmpegError as err:
+        raise TinyVLAError(f"cannot decode {path} ({err}); re-encode the videos (AV1 or h264) or install a PyAV build "
+                           "that decodes their codec") from None
+    if frame is None or abs(frame.time * fps - want) > 0.5:
+        raise TinyVLAError(f"{path} has no frame at {want / fps:.3f}s (frame {want}" + (
+            f", the next is at {frame.time:.3f}s" if frame else "") + "): it does not match the dataset's timestamps")
+    return frame.to_ndarray(format="rgb24")
 
 
 def bounds_for(stats, norm, task):
@@ -348,8 +392,8 @@ def prepare_images(images, d, train=False):
 class VLADataset(torch.utils.data.Dataset):
     """Sample = (camera images at frame t, instruction, answer text for actions t..t+H-1, padded with the last)."""
 
-    def __init__(self, images, rows, actions, ep_end, tasks, stats, d, train):
-        self.images, self.rows, self.actions, self.ep_end, self.tasks = images, rows, actions, ep_end, tasks
+    def __init__(self, frames, rows, actions, ep_end, tasks, stats, d, train):
+        self.frames, self.rows, self.actions, self.ep_end, self.tasks = frames, rows, actions, ep_end, tasks
         self.stats, self.d, self.train = stats, d, train
 
     def __len__(self):
@@ -360,11 +404,11 @@ class VLADataset(torch.utils.data.Dataset):
         return self.actions[np.minimum(r + np.arange(self.d.horizon), self.ep_end[r] - 1)]
 
     def __getitem__(self, i):
-        row, task = self.images[int(self.rows[i])], self.tasks[self.rows[i]]
+        task = self.tasks[self.rows[i]]
         answer = actions_to_text(self.chunk(i), *bounds_for(self.stats, self.d.action_norm, task), self.d.num_bins)
         if self.train:
             answer = mask_digits(answer, self.d.action_mask_aug_pct)
-        images = prepare_images([np.asarray(row[k]) for k in self.d.image_keys[:2]], self.d, self.train)
+        images = prepare_images(self.frames(self.rows[i]), self.d, self.train)
         return {"images": images, "task": task, "answer": answer}
 
     def as_hf(self, limit=0):
@@ -378,8 +422,8 @@ class VLADataset(torch.utils.data.Dataset):
 
 def build_datasets(d, seed):
     """Train/val datasets split by whole episodes, and the action bounds learned from the train split."""
-    ds, task_names = load_lerobot(d.repo_id, [*d.image_keys, d.action_key])
-    meta = ds.select_columns(["episode_index", "frame_index", "task_index"]).with_format("numpy")[:]
+    ds, task_names, info, root = load_lerobot(d.repo_id, [*d.image_keys, d.action_key])
+    meta = ds.select_columns(["episode_index", "frame_index", "task_index", "timestamp"]).with_format("numpy")[:]
     order = np.lexsort((meta["frame_index"], meta["episode_index"]))
     episodes = meta["episode_index"][order]
     actions = np.asarray(ds.select_columns([d.action_key]).with_format("numpy")[d.action_key], np.float64)[order]
@@ -403,8 +447,13 @@ def build_datasets(d, seed):
     bounds = lambda a: {"lo": a.min(0).tolist(), "hi": a.max(0).tolist()}  # per action dimension, train split only
     stats = {"global": bounds(actions[train_rows]), "per_task": {
         t: bounds(actions[train_rows[tasks[train_rows] == t]]) for t in np.unique(tasks[train_rows])}}
-    images = ds.select_columns(d.image_keys).select(order)  # row i of `images` is row i of the sorted arrays
-    make = lambda rows, train: VLADataset(images, rows, actions, ep_end, tasks, stats, d, train)
+    videos = {k: video_rows(root, info, k, episodes.tolist(), meta["timestamp"][order].tolist()) for k in d.image_keys
+              if info["features"][k]["dtype"] == "video"}  # row r of these (and of table) is row r of the arrays
+    table = ds.select_columns([k for k in d.image_keys if k not in videos]).select(order)
+    frames = lambda r, keys=d.image_keys: [video_frame(*videos[k][r], info["fps"]) if k in videos else np.asarray(
+        table[int(r)][k]) for k in keys]  # images: stored in the parquet files (datasets decodes them), or video
+    frames(0)  # a codec PyAV cannot decode fails now, not in a DataLoader worker
+    make = lambda rows, train: VLADataset(frames, rows, actions, ep_end, tasks, stats, d, train)
     return make(train_rows, True), (make(val_rows, False) if n_val else None), stats
 
 

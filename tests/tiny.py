@@ -89,45 +89,86 @@ def make_model_dir(out, tokenizer=None, chat_template=CHAT_TEMPLATE, vocab_size=
     return out
 
 
-def _png(rng, size=64):
+def _png(img):
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def make_dataset(out, layout="v2.1", episodes=8, length=(12, 20), size=64, seed=0, task_actions=False):
-    """Write a LIBERO-like LeRobot dataset (images, state, actions, indices) in the v2.1 or v3.0 layout.
-    task_actions: every frame of a task repeats that task's own action (learnable from the instruction alone)."""
+def frame_pixels(index, camera, width, height, rng):
+    """A frame that carries its own dataset index and camera as a 4x4 grid of dark/bright cells (survives lossy video
+    codecs), over a moving ramp and noise so that it is not trivially compressible."""
+    bits = ((index << 1 | camera) >> np.arange(16) & 1).reshape(4, 4) * 160
+    cells = np.kron(bits, np.ones((-(-height // 4), -(-width // 4))))[:height, :width]
+    ramp = (np.arange(width)[None, :] + np.arange(height)[:, None] + 3 * index) % 64
+    return np.repeat((cells + ramp + rng.integers(0, 32, (height, width)))[..., None], 3, 2).astype(np.uint8)
+
+
+def read_frame_index(img):
+    """(dataset index, camera) written by frame_pixels, read back from a decoded HWC frame of any size."""
+    h, w = img.shape[:2]
+    cells = img[..., 0].astype(float)[: h // 4 * 4, : w // 4 * 4].reshape(4, h // 4, 4, w // 4).mean((1, 3))
+    bits = int(((cells.reshape(-1) > 128) << np.arange(16)).sum())
+    return bits >> 1, bits & 1
+
+
+def write_video(path, frames, fps, codec):
+    """Encode HWC uint8 frames as lerobot does (yuv420p, a keyframe every 2 frames for AV1), timestamps i / fps."""
+    import av
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        options = {"g": "2", "crf": "30", "preset": "11", "svtav1-params": "log-level=0"} if codec == "av1" else {
+            "g": "12", "crf": "23"}  # h264: a longer group of pictures, so a seek decodes forward to the frame
+        stream = container.add_stream("libsvtav1" if codec == "av1" else "h264", rate=fps, options=options)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        for img in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def make_dataset(out, layout="v2.1", episodes=8, length=(12, 20), size=64, seed=0, task_actions=False, video=None,
+                 cameras=2, action_dim=7, fps=10):
+    """Write a LIBERO-like LeRobot dataset (cameras, state, actions, indices) in the v2.1 or v3.0 layout.
+    size: side, or (width, height). video: None (PNG images in the parquet files), "h264" or "av1" (mp4 files; v3.0
+    packs 3 episodes per file for the first camera and 2 for the second, so each camera has its own offsets).
+    Every frame carries its dataset index (read_frame_index). task_actions: every frame of a task repeats that task's
+    own action (learnable from the instruction alone)."""
     from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
 
     rng, out = np.random.default_rng(seed), Path(out)
+    width, height = (size, size) if isinstance(size, int) else size
     v3 = layout == "v3.0"
     keys = (["observation.images.image", "observation.images.image2", "observation.state", "action"] if v3
             else ["image", "wrist_image", "state", "actions"])
-    features = Features({keys[0]: ImageFeature(), keys[1]: ImageFeature(),
-                         keys[2]: Sequence(Value("float32"), length=8), keys[3]: Sequence(Value("float32"), length=7),
-                         "timestamp": Value("float32"), "frame_index": Value("int64"),
-                         "episode_index": Value("int64"), "index": Value("int64"), "task_index": Value("int64")})
-    episode_tables, index, lengths = [], 0, []
+    cams, keys = keys[:cameras], keys[2:]
+    features = Features({**({} if video else {c: ImageFeature() for c in cams}),
+                         keys[0]: Sequence(Value("float32"), length=8),
+                         keys[1]: Sequence(Value("float32"), length=action_dim), "timestamp": Value("float32"),
+                         "frame_index": Value("int64"), "episode_index": Value("int64"), "index": Value("int64"),
+                         "task_index": Value("int64")})
+    episode_tables, index, lengths, pixels = [], 0, [], []
     for ep in range(episodes):
         n = int(rng.integers(length[0], length[1] + 1))
         lengths.append(n)
-        scale = np.array([1, 1, 1, 0.3, 0.3, 0.3, 1], np.float32)
-        actions = (rng.uniform(-1, 1, (n, 7)) * scale).astype(np.float32)
-        actions[:, 6] = np.sign(actions[:, 6]) + (actions[:, 6] == 0)
+        scale = np.resize(np.array([1, 1, 1, 0.3, 0.3, 0.3], np.float32), action_dim)
+        actions = (rng.uniform(-1, 1, (n, action_dim)) * scale).astype(np.float32)
+        actions[:, -1] = np.sign(actions[:, -1]) + (actions[:, -1] == 0)  # a gripper: -1 or 1
         if task_actions:
-            actions[:] = TASK_ACTIONS[ep % len(TASKS)]
+            actions[:] = TASK_ACTIONS[ep % len(TASKS)][-action_dim:]
+        pixels.append([[frame_pixels(index + i, c, width, height, rng) for i in range(n)] for c in range(cameras)])
         episode_tables.append({
-            keys[0]: [{"bytes": _png(rng, size), "path": None} for _ in range(n)],
-            keys[1]: [{"bytes": _png(rng, size), "path": None} for _ in range(n)],
-            keys[2]: rng.normal(size=(n, 8)).astype(np.float32).tolist(), keys[3]: actions.tolist(),
-            "timestamp": (np.arange(n) / 10).astype(np.float32).tolist(), "frame_index": list(range(n)),
+            **({} if video else {cam: [{"bytes": _png(img), "path": None} for img in imgs]
+                                 for cam, imgs in zip(cams, pixels[-1])}),
+            keys[0]: rng.normal(size=(n, 8)).astype(np.float32).tolist(), keys[1]: actions.tolist(),
+            "timestamp": (np.arange(n) / fps).astype(np.float32).tolist(), "frame_index": list(range(n)),
             "episode_index": [ep] * n, "index": list(range(index, index + n)), "task_index": [ep % len(TASKS)] * n})
         index += n
     (out / "meta").mkdir(parents=True, exist_ok=True)
     info = {"codebase_version": layout, "robot_type": "panda", "total_episodes": episodes, "total_frames": index,
-            "total_tasks": len(TASKS), "chunks_size": 1000, "fps": 10,
+            "total_tasks": len(TASKS), "chunks_size": 1000, "fps": fps,
             "features": {k: {"dtype": str(v)} for k, v in features.items()}}
+    for cam in cams if video else ():
+        info["features"][cam] = {"dtype": "video", "shape": [height, width, 3], "info": {"video.codec": video}}
     if v3:
         merged = {k: sum((t[k] for t in episode_tables), []) for k in features}
         (out / "data/chunk-000").mkdir(parents=True, exist_ok=True)
@@ -139,14 +180,33 @@ def make_dataset(out, layout="v2.1", episodes=8, length=(12, 20), size=64, seed=
         pd.DataFrame({"task_index": range(len(TASKS))}, index=pd.Index(TASKS, name="task")).to_parquet(
             out / "meta/tasks.parquet")
         info["data_path"] = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+        info["video_path"] = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+        episodes_meta = {"episode_index": list(range(episodes)), "length": lengths,
+                         "data/chunk_index": [0] * episodes, "data/file_index": [int(ep >= episodes // 2)
+                                                                                 for ep in range(episodes)]}
+        for c, cam in enumerate(cams if video else ()):
+            per_file = 3 - c  # the cameras' files roll over at different episodes
+            for f in range(-(-episodes // per_file)):
+                eps = range(f * per_file, min((f + 1) * per_file, episodes))
+                write_video(out / info["video_path"].format(video_key=cam, chunk_index=0, file_index=f),
+                            [img for ep in eps for img in pixels[ep][c]], fps, video)
+            starts = [sum(lengths[ep - ep % per_file: ep]) / fps for ep in range(episodes)]
+            episodes_meta.update({f"videos/{cam}/chunk_index": [0] * episodes,
+                                  f"videos/{cam}/file_index": [ep // per_file for ep in range(episodes)],
+                                  f"videos/{cam}/from_timestamp": starts})
+        (out / "meta/episodes/chunk-000").mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(episodes_meta).to_parquet(out / "meta/episodes/chunk-000/file-000.parquet")
     else:
         for ep, table in enumerate(episode_tables):
             path = out / f"data/chunk-000/episode_{ep:06d}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             Dataset.from_dict(table, features=features).to_parquet(str(path))
+            for c, cam in enumerate(cams if video else ()):
+                write_video(out / f"videos/chunk-000/{cam}/episode_{ep:06d}.mp4", pixels[ep][c], fps, video)
         with open(out / "meta/tasks.jsonl", "w") as f:
             f.writelines(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(TASKS))
         info["data_path"] = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
+        info["video_path"] = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
     (out / "meta/info.json").write_text(json.dumps(info, indent=2))
     return out
 
