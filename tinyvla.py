@@ -336,7 +336,7 @@ def video_frame(path, t, fps):
     try:
         container = open_video(path, os.getpid())
         stream = container.streams.video[0]
-        container.seek(int(max(want - 0.5, 0) / fps / stream.time_base), stream=stream)  # the keyframe before it
+        container.seek(int(want / fps / stream.time_base), stream=stream)  # the nearest keyframe at or before it
         frame = next((f for f in container.decode(stream) if f.time >= (want - 0.5) / fps), None)
     except av.FFmpegError as err:
         raise TinyVLAError(f"cannot decode {path} ({err}); re-encode the videos (AV1 or h264) or install a PyAV build "
@@ -384,8 +384,9 @@ def prepare_images(images, d, train=False):
         h, w = img.shape[1:]
         ch, cw = int(h * d.crop_ratio), int(w * d.crop_ratio)
         top, left = (random.randint(0, h - ch), random.randint(0, w - cw)) if train else ((h - ch) // 2, (w - cw) // 2)
-        img = F.resized_crop(img, top, left, ch, cw, [d.img_size, d.img_size], antialias=True)
-        out.append(T.ColorJitter(0.2, 0.2, 0.2, 0.05)(img) if train and d.color_jitter else img)
+        out.append(F.resized_crop(img, top, left, ch, cw, [d.img_size, d.img_size], antialias=True))
+    if train and d.color_jitter:  # one draw for all cameras: VLA-0 jitters its stacked camera tensor in one call
+        out = list(T.ColorJitter(0.2, 0.2, 0.2, 0.05)(torch.stack(out)))
     return [torch.cat(out, dim=2)] if d.tile_images else out
 
 
@@ -450,8 +451,10 @@ def build_datasets(d, seed):
     videos = {k: video_rows(root, info, k, episodes.tolist(), meta["timestamp"][order].tolist()) for k in d.image_keys
               if info["features"][k]["dtype"] == "video"}  # row r of these (and of table) is row r of the arrays
     table = ds.select_columns([k for k in d.image_keys if k not in videos]).select(order)
-    frames = lambda r, keys=d.image_keys: [video_frame(*videos[k][r], info["fps"]) if k in videos else np.asarray(
-        table[int(r)][k]) for k in keys]  # images: stored in the parquet files (datasets decodes them), or video
+
+    def frames(r, keys=d.image_keys):  # images stored in the parquet files (datasets decodes them), or video frames
+        row = table[int(r)] if table.column_names else {}
+        return [video_frame(*videos[k][r], info["fps"]) if k in videos else np.asarray(row[k]) for k in keys]
     frames(0)  # a codec PyAV cannot decode fails now, not in a DataLoader worker
     make = lambda rows, train: VLADataset(frames, rows, actions, ep_end, tasks, stats, d, train)
     return make(train_rows, True), (make(val_rows, False) if n_val else None), stats

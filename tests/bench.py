@@ -43,26 +43,50 @@ def model_dir(real):
 
 
 def bench_data(n=300):
-    data = tiny.make_dataset(TMP / "data256", episodes=6, length=(60, 60), size=256)
-    train, _, stats = tinyvla.build_datasets(tinyvla.DataArgs(repo_id=str(data)), seed=0)
+    """Samples/s for one DataLoader worker: the same 256x256 frames (index cells, a moving ramp, noise) stored as PNG
+    in the parquet files, or as AV1 / h264 video; then the raw decoders alone on one random frame."""
     from transformers import AutoProcessor
-    d = train.d
-    processor = AutoProcessor.from_pretrained(tiny.make_model_dir(TMP / "m"), size={
-        "shortest_edge": tinyvla.image_pixels(d), "longest_edge": tinyvla.image_pixels(d)})
-    collate = tinyvla.Collator(processor, d, 7)
-    for i in range(10):
-        train[i]  # warm up
-    t = time.perf_counter()
-    samples = [train[i % len(train)] for i in range(n)]
-    t_sample = time.perf_counter() - t
-    t = time.perf_counter()
-    for i in range(0, n, 8):
-        collate(samples[i:i + 8])
-    t_collate = time.perf_counter() - t
-    print(f"data pipeline, 1 worker, 256x256 PNG x2 -> crop/resize/jitter/tile -> tokens ({n} samples):")
-    print(f"  sample (decode+augment+text): {n / t_sample:7.1f} samples/s")
-    print(f"  collate (processor+labels):   {n / t_collate:7.1f} samples/s")
-    print(f"  end to end per worker:        {n / (t_sample + t_collate):7.1f} samples/s")
+    print(f"data pipeline, 1 worker, two 256x256 cameras -> crop/resize/jitter/tile -> answer text -> tokens ({n} "
+          "samples in random order)")
+    print("  storage          | sample (decode+augment+text) /s | collate (processor+labels) /s | end to end /s")
+    for video, jitter in ((None, True), ("av1", True), ("h264", True), ("av1", False)):
+        data = tiny.make_dataset(TMP / f"data256{video}", "v3.0", episodes=6, length=(60, 60), size=256, video=video)
+        d = tinyvla.DataArgs(repo_id=str(data), image_keys=["observation.images.image", "observation.images.image2"],
+                             action_key="action", val_ratio=0, color_jitter=jitter)
+        train, _, stats = tinyvla.build_datasets(d, seed=0)
+        processor = AutoProcessor.from_pretrained(tiny.make_model_dir(TMP / "m"), size={
+            "shortest_edge": tinyvla.image_pixels(d), "longest_edge": tinyvla.image_pixels(d)})
+        collate = tinyvla.Collator(processor, d, 7)
+        order = np.random.default_rng(0).integers(0, len(train), n)
+        for i in order[:10]:
+            train[i]  # warm up
+        t = time.perf_counter()
+        samples = [train[i] for i in order]
+        t_sample = time.perf_counter() - t
+        t = time.perf_counter()
+        for i in range(0, n, 8):
+            collate(samples[i:i + 8])
+        t_collate = time.perf_counter() - t
+        label = (video or "PNG in parquet") + ("" if jitter else ", no jitter")
+        print(f"  {label:16s} | {n / t_sample:31.1f} | {n / t_collate:29.1f} | "
+              f"{n / (t_sample + t_collate):13.1f}")
+    for codec in ("av1", "h264"):
+        video = next((TMP / f"data256{codec}").glob("videos/observation.images.image/*/*.mp4"))
+        times = np.random.default_rng(1).integers(0, 150, 200) / 10
+        t = time.perf_counter()
+        for s in times:
+            tinyvla.video_frame(str(video), s, 10)
+        line = f"  one random frame, {codec}: PyAV (container kept open) {1e3 * (time.perf_counter() - t) / 200:.2f} ms"
+        try:
+            from torchcodec.decoders import VideoDecoder
+            dec = VideoDecoder(str(video), seek_mode="exact")
+            t = time.perf_counter()
+            for s in times:
+                dec.get_frame_played_at(float(s))
+            line += f", torchcodec {1e3 * (time.perf_counter() - t) / 200:.2f} ms"
+        except Exception as err:  # torchcodec needs a system FFmpeg; not a dependency
+            line += f", torchcodec not available ({type(err).__name__})"
+        print(line)
 
 
 def bench_generate(real=False):
