@@ -61,6 +61,12 @@ def test_image_shapes(tile):
     assert torch.equal(a[0], b[0])
     single = tinyvla.prepare_images(frames[:1], tinyvla.DataArgs(tile_images=False))[0]
     assert torch.equal(a[0][:, :, :224], single)
+    # training jitter is drawn once for all cameras (VLA-0 jitters its stacked images): same frame in, same out
+    full = tinyvla.DataArgs(crop_ratio=1.0, tile_images=tile)
+    same = tinyvla.prepare_images([frames[0]] * 2, full, train=True)
+    halves = torch.chunk(same[0], 2, dim=2) if tile else same
+    plain = tinyvla.prepare_images([frames[0]], full)[0][:, :, :224]
+    assert torch.equal(halves[0], halves[1]) and not torch.equal(halves[0], plain)  # jittered, alike
 
 
 @pytest.mark.parametrize("layout", ["v2", "v3"])
