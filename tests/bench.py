@@ -10,9 +10,11 @@
 --real uses the real Qwen2.5-VL-3B architecture from ../shared/assets (random weights, bf16; for a GPU).
 """
 import os
+import re
 import sys
 import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -96,7 +98,7 @@ def bench_generate(real=False):
     m = tinyvla.ModelArgs(model_id=str(mdir), dtype="bfloat16" if real else "float32")
     model, processor = tinyvla.load_model(str(mdir), m, d, device)
     model.eval()
-    stats = {"global": {"lo": [-1.0] * 7, "hi": [1.0] * 7}, "per_task": {}}
+    stats = {"global": {"lo": [-1.0] * 7, "hi": [1.0] * 7}}
     col = tinyvla.Collator(processor, d, 7)
     rng = np.random.default_rng(0)
     obs = lambda b: [tinyvla.prepare_images([rng.integers(0, 255, (256, 256, 3), np.uint8)] * 2, d) for _ in range(b)]
@@ -256,7 +258,8 @@ def bench_sim(steps=60):
     demo, limit = 0, 0
     print("  suite          | demo episodes | mean demo length | step limit")
     for suite in tinyvla.STANDARD_SUITES:
-        tasks = tinyvla.suite_tasks(suite)
+        bddl = Path(find_spec("libero").submodule_search_locations[0]) / "libero/bddl_files" / suite
+        tasks = {re.sub(r"^.*SCENE\d+_", "", f.stem).replace("_", " ") for f in bddl.glob("*.bddl")}  # task strings
         n = np.array([e["length"] for e in lengths if e["tasks"][0] in tasks])
         print(f"  {suite:14s} | {len(n):13d} | {n.mean():16.1f} | {tinyvla.SUITE_MAX_STEPS[suite]:10d}")
         demo += 500 * (n.mean() + tinyvla.WAIT_STEPS)

@@ -95,25 +95,6 @@ def test_dataset_layouts_split_and_chunks(layout, dataset_v2, dataset_v3):
     assert tuple(sample["images"][0].shape) == (3, 224, 448)
 
 
-def test_per_task_bounds_and_unseen_task_falls_back(dataset_v2):
-    d = data_args(dataset_v2, action_norm="per_task")
-    train, _, stats = tinyvla.build_datasets(d, seed=0)
-    task = tiny.TASKS[0]
-    rows = train.rows[train.tasks[train.rows] == task]
-    assert np.allclose(stats["per_task"][task]["hi"], train.actions[rows].max(0))
-    with pytest.warns(UserWarning, match="unseen in training"):
-        lo, hi = tinyvla.bounds_for(stats, "per_task", "an instruction never seen")
-    assert np.allclose(lo, stats["global"]["lo"]) and np.allclose(hi, stats["global"]["hi"])
-
-
-def test_train_suite_keeps_only_that_suites_episodes(dataset_v2):
-    train, val, _ = tinyvla.build_datasets(data_args(dataset_v2, train_suite="libero_object", val_ratio=0.25), 0)
-    tasks = set(train.tasks[train.rows]) | set(val.tasks[val.rows])
-    assert tasks == set(tiny.TASKS[:2])  # the two libero_object tasks of the fixture
-    assert tinyvla.suite_tasks("libero_spatial") >= set(tiny.TASKS[2:])
-    assert len(tinyvla.suite_tasks("libero_10")) == 10
-
-
 def test_missing_feature_or_dataset_is_one_clear_error(dataset_v2, tmp_path):
     with pytest.raises(tinyvla.TinyVLAError, match=r"no feature \['nope'\].*it has .*wrist_image.*--image_keys"):
         tinyvla.build_datasets(data_args(dataset_v2, image_keys=["image", "nope"]), 0)

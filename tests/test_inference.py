@@ -175,7 +175,7 @@ def test_generate_is_plain_constrained_greedy(policy):
                     "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(generated),
                                                                                           dtype=torch.long)], 1)}
     text = col.processor.tokenizer.decode(generated, skip_special_tokens=True)
-    lo, hi = tinyvla.bounds_for(policy.stats, "global", tiny.TASKS[0])
+    lo, hi = tinyvla.action_bounds(policy.stats)
     manual = tinyvla.text_to_actions(text, lo, hi, 1000, 8)
     pred, ok = tinyvla.predict(model, col, policy.stats, obs, [tiny.TASKS[0]])
     assert ok.all() and np.allclose(pred[0], manual)
@@ -205,7 +205,7 @@ def test_static_cache_decodes_the_same_actions(tiny_model):
                 p.normal_(0, 0.3)
     calls, generate = [], model.generate
     model.generate = lambda **kw: calls.append(kw) or generate(**kw)
-    col, stats = tinyvla.Collator(processor, d, 7), {"global": {"lo": [0.0] * 7, "hi": [1.0] * 7}, "per_task": {}}
+    col, stats = tinyvla.Collator(processor, d, 7), {"global": {"lo": [0.0] * 7, "hi": [1.0] * 7}}
     obs = [tinyvla.prepare_images(o, d) for o in _observations(3, seed=5)]
     plain, _ = tinyvla.predict(model.eval(), col, stats, obs, tiny.TASKS[:3])
     static, ok = tinyvla.predict(model, col, stats, obs, tiny.TASKS[:3], static_cache=True)

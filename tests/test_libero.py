@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, train_args
+from conftest import ROOT
 
 
 pytest.importorskip("libero", reason="LIBERO not installed (pip install -e '.[dev]')")
@@ -90,14 +90,13 @@ def test_dead_simulator_worker_is_one_line(trained_run, tmp_path):
         "-9) (finished episodes are saved; rerun to resume)")
 
 
-def test_eval_after_train(tiny_model, dataset_v2, tmp_path):
-    out = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *train_args(
-        tiny_model, dataset_v2, out, "--max_steps", 2, "--eval_strategy", "no", "--eval_after_train", 1,
-        "--suite", "libero_object", "--task_ids", 0, "--episode_max_steps", 3,
-        "--num_envs", 1, "--save_video", "false", "--action_horizon", 2)], capture_output=True, text=True, timeout=900)
+def test_action_horizon_queries_every_nth_step(trained_run, tmp_path):
+    out = tmp_path / "eval"
+    r = subprocess.run(eval_cmd(trained_run[0] / "final", out, "--episodes_per_task", 1, "--episode_max_steps", 3,
+                                "--num_envs", 1, "--save_video", "false", "--action_horizon", 2),
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = results(out / "final/libero_eval")
+    rows = results(out)
     assert len(rows) == 1 and rows[0]["steps"] == 3
     assert "3 env steps, 2 policy queries in" in r.stdout  # action_horizon 2: queried at steps 0 and 2
 
