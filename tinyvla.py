@@ -360,8 +360,8 @@ def prepare_images(images, d, train=False):
         ch, cw = int(h * d.crop_ratio), int(w * d.crop_ratio)
         top, left = (random.randint(0, h - ch), random.randint(0, w - cw)) if train else ((h - ch) // 2, (w - cw) // 2)
         out.append(F.resized_crop(img, top, left, ch, cw, [d.img_size, d.img_size], antialias=True))
-    if train and d.color_jitter:  # one draw for all cameras: VLA-0 jitters its stacked camera tensor in one call
-        out = list(T.ColorJitter(0.2, 0.2, 0.2, 0.05)(torch.stack(out)))
+    if train and d.color_jitter:  # as VLA-0 does: one draw for all cameras (stacked), on floats in [0, 1]
+        out = list((T.ColorJitter(0.2, 0.2, 0.2, 0.05)(torch.stack(out) / 255.0) * 255.0).to(torch.uint8))
     return [torch.cat(out, dim=2)] if d.tile_images else out
 
 
