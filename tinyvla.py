@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 from peft import LoraConfig
+from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor
 from trl import SFTConfig, SFTTrainer, TrlParser
 
@@ -127,8 +128,7 @@ class EvalArgs(Checked):
     num_envs: int = arg(8, "Simulators in parallel worker processes.", "[1, inf)")
     action_horizon: int = arg(1, "Query the policy every this many steps.", "[1, inf)")
     ensemble_window: int = arg(8, "Average the last this many chunks (1: none).", "[1, inf)")
-    ensemble_version: Literal[1, 2] = arg(1, "VLA-0's 1: the newest chunk weighs 1, older ones ensemble_weight; "
-                                          "2: a chunk k queries old weighs ensemble_weight**k.")
+    ensemble_version: Literal[1, 2] = arg(1, "VLA-0's 1: newest chunk 1, older ones ensemble_weight; 2: weight**age.")
     ensemble_weight: float = arg(0.5, "See ensemble_version; 1: a plain average.", "(0, 1]")
     static_cache: bool = arg(False, "Decode with a static KV cache, compiled on GPU (the first call per shape).")
     save_video: bool = arg(True, "Write an mp4 per episode.")
@@ -196,11 +196,9 @@ def resume_point(output_dir, resume, max_steps):
         for c in ckpts[ckpts.index(Path(resume)) + 1:]:
             warnings.warn(f"{c} is incomplete (the run was killed while saving it): resuming from {resume}")
     elif resume and trained_steps(resume) is None:
-        raise TinyVLAError(f"resume_from_checkpoint {resume} is not a complete checkpoint (missing, or cut short by a "
-                           f"kill while saving); use --resume_from_checkpoint last for the newest complete one")
+        raise TinyVLAError(f"{resume} is not a complete checkpoint; --resume_from_checkpoint last takes the newest one")
     elif not resume and (ckpts or (out / "final").exists()):
-        raise TinyVLAError(f"{out} already holds a run; continue it with --resume_from_checkpoint last, or move it "
-                           "away or choose another --output_dir")
+        raise TinyVLAError(f"{out} already holds a run: continue it (--resume_from_checkpoint last) or move it away")
     if resume and 0 < max_steps <= trained_steps(resume):
         raise TinyVLAError(f"{resume} has reached max_steps {max_steps}: nothing left to train (raise --max_steps)")
     return resume
@@ -241,13 +239,14 @@ def load_run_info(ckpt):
     ckpt = local_dir(str(ckpt), "model")
     if (ckpt / RUN_CONFIG).exists() and (ckpt / ACTION_STATS).exists():
         run = json.loads((ckpt / RUN_CONFIG).read_text())
-        if run["data"].pop("action_norm", "global") != "global":  # an option of TinyVLA 0.1's first weeks
+        if run["data"].get("action_norm", "global") != "global":  # options TinyVLA dropped are ignored, but not this
             raise TinyVLAError(f"{ckpt} was trained with per-task action bounds, which this TinyVLA no longer decodes")
-        return ckpt, ModelArgs(**run["model"]), DataArgs(**run["data"]), json.loads((ckpt / ACTION_STATS).read_text())
+        m, d = (cls(**{k: v for k, v in run[key].items() if k in cls.__dataclass_fields__})
+                for cls, key in ((ModelArgs, "model"), (DataArgs, "data")))
+        return ckpt, m, d, json.loads((ckpt / ACTION_STATS).read_text())
     model_dir = next((d for d in (ckpt / "model_last", *ckpt.glob("*/model_last")) if d.is_dir()), ckpt)
     if not (model_dir.parent / REF_STATS).exists():
-        raise TinyVLAError(f"{ckpt} has no {RUN_CONFIG}: point --eval at a TinyVLA checkpoint (e.g. runs/x/final), "
-                           f"or at a VLA-0 reference run (model_last/ and {REF_STATS})")
+        raise TinyVLAError(f"{ckpt} is neither a TinyVLA checkpoint ({RUN_CONFIG}) nor a VLA-0 run ({REF_STATS})")
     try:
         with open(model_dir.parent / REF_STATS, "rb") as f:
             bounds = ArraysOnly(f).load()["out_ori_act"]
@@ -295,8 +294,10 @@ def video_rows(root, info, key, episodes, times):
         where = {ep: (ep // info["chunks_size"], 0, 0.0) for ep in set(episodes)}
     else:
         cols = ["episode_index", *(f"videos/{key}/{c}" for c in ("chunk_index", "file_index", "from_timestamp"))]
-        meta = pd.concat(pd.read_parquet(f, columns=cols) for f in sorted(root.glob("meta/episodes/*/*.parquet")))
-        where = {ep: (c, f, t0) for ep, c, f, t0 in meta.itertuples(index=False)}
+        metas = [pd.read_parquet(f, columns=cols) for f in sorted(root.glob("meta/episodes/*/*.parquet"))]
+        where = {ep: (c, f, t0) for meta in metas for ep, c, f, t0 in meta.itertuples(index=False)}
+    if set(episodes) - set(where):
+        raise TinyVLAError(f"{root}/meta/episodes lacks {len(set(episodes) - set(where))} episodes; download it again")
     files = {ep: str(root / info["video_path"].format(video_key=key, episode_chunk=c, chunk_index=c, file_index=f,
                                                       episode_index=ep)) for ep, (c, f, _) in where.items()}
     missing = sorted({files[ep] for ep in set(episodes) if not Path(files[ep]).exists()})
@@ -305,20 +306,22 @@ def video_rows(root, info, key, episodes, times):
     return [(files[ep], where[ep][2] + t) for ep, t in zip(episodes, times)]
 
 
-open_video = lru_cache(maxsize=64)(lambda path, pid: av.open(path))  # per process: a forked worker opens its own
+@lru_cache(maxsize=64)  # per process: a forked DataLoader worker (another pid) opens its own
+def open_video(path, pid):
+    container = av.open(path)
+    container.streams.video[0].thread_count = 1  # no decoder threads: a forked worker freeing them would hang
+    return container, container.streams.video[0]
 
 
 def video_frame(path, t, fps):
     """Frame round(t * fps) of a video (PyAV), checked by its own timestamp: a neighbour is never returned."""
     want = round(t * fps)
     try:
-        container = open_video(path, os.getpid())
-        stream = container.streams.video[0]
-        container.seek(int(want / fps / stream.time_base), stream=stream)  # the nearest keyframe at or before it
+        container, stream = open_video(path, os.getpid())
+        container.seek(round(want / fps / stream.time_base), stream=stream)  # the nearest keyframe at or before it
         frame = next((f for f in container.decode(stream) if f.time >= (want - 0.5) / fps), None)
     except av.FFmpegError as err:
-        raise TinyVLAError(f"cannot decode {path} ({err}); re-encode the videos (AV1 or h264) or install a PyAV build "
-                           "that decodes their codec") from None
+        raise TinyVLAError(f"cannot decode {path} ({err}); re-encode the videos as AV1 or h264") from None
     if frame is None or abs(frame.time * fps - want) > 0.5:
         raise TinyVLAError(f"{path} has no frame at {want / fps:.3f}s (frame {want}" + (
             f", the next is at {frame.time:.3f}s" if frame else "") + "): it does not match the dataset's timestamps")
@@ -751,7 +754,7 @@ def read_results(*paths):
 
 def results_table(results):
     """Per-task and per-suite success rates as markdown, plus the per-suite rates."""
-    df = pd.DataFrame(results)
+    df = pd.DataFrame(results, columns=["suite", "task_id", "task", "success"])  # columns: none finished yet
     tasks, suites = (df.groupby(k)["success"].agg(["size", "mean"]) for k in (["suite", "task_id", "task"], "suite"))
     lines = ["| suite | task | episodes | success |", "|---|---|---|---|"] + [
         f"| {s} | {tid}: {task} | {n} | {100 * m:.1f}% |" for (s, tid, task), n, m in tasks.itertuples()]
@@ -764,7 +767,6 @@ def evaluate_libero(ckpt, e, policy=None):
     import multiprocessing as mp
     import time
     from multiprocessing.connection import wait as mp_wait
-    from tqdm import tqdm
     policy = policy or Policy(ckpt, static_cache=e.static_cache)  # first: a bad checkpoint fails before any write
     if e.action_horizon > policy.d.horizon:
         raise TinyVLAError(f"action_horizon {e.action_horizon} is longer than the policy's chunks ({policy.d.horizon})")
@@ -777,8 +779,7 @@ def evaluate_libero(ckpt, e, policy=None):
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise TinyVLAError(f"another eval is writing {results_file}; wait for it to end, or give this one another "
-                           "--eval_dir or --shard_id") from None
+        raise TinyVLAError(f"another eval is writing {results_file}: wait for it, or use another --eval_dir") from None
     results = read_results(results_file)  # from an earlier run of this shard: skipped now
     results_file.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in results))
     os.replace(results_file.with_suffix(".tmp"), results_file)  # duplicates, a torn line gone; a kill here loses none
@@ -790,17 +791,17 @@ def evaluate_libero(ckpt, e, policy=None):
     for proc, end in zip(procs, ends):
         proc.start()
         end.close()  # the worker's end lives in the worker now: its death reads as EOF here, not as a hang
-    running, stepping = [None] * n, [False] * n  # per env: its episode; has it sent an observation yet
+    running, asking = [None] * n, []  # per env: its episode; (env, observation) for the policy this round
     bar = tqdm(total=len(pending), desc=f"LIBERO {e.suite}", unit="ep")
     env_steps, queries, t_start = 0, 0, None  # timed from the first observation: without the first scene build
     while pending or any(running):
         for i in (i for i in range(n) if running[i] is None and pending):  # the next episode; its scene builds
-            running[i], stepping[i] = pending.popleft(), False  # while the other envs keep stepping
+            running[i] = pending.popleft()  # while the other envs keep stepping
             with suppress(OSError):  # a dead worker: its EOF, received next round, reports it
                 conns[i].send(running[i])
-        # stepping envs answer every round (lockstep: full policy batches); one building a scene joins when ready
-        live = [i for i, ep in enumerate(running) if ep]
-        ready = [i for i in live if stepping[i] or conns[i].poll()] or [
+        # envs answered last round answer again (lockstep: full policy batches); one building a scene joins when ready
+        live, answered = [i for i, ep in enumerate(running) if ep], {i for i, _ in asking}
+        ready = [i for i in live if i in answered or conns[i].poll()] or [
             conns.index(c) for c in mp_wait([conns[i] for i in live])]  # all building scenes: the first one done
         asking = []  # (env, its observation)
         for i in ready:
@@ -814,7 +815,6 @@ def evaluate_libero(ckpt, e, policy=None):
                     **running[i]) + f"{payload} (finished episodes are saved; rerun to resume)")
             if kind == "obs":
                 asking.append((i, payload))
-                stepping[i] = True
                 continue
             with open(results_file, "a") as f:  # one line per finished episode: a rerun skips it
                 f.write(json.dumps(payload) + "\n")
@@ -888,12 +888,11 @@ def train(m, d, e, targs):
 def main(argv=None):
     try:
         m, d, e, targs = parse_args(argv)
-        if e.eval:
-            evaluate_libero(e.eval, e)
-        else:
-            train(m, d, e, targs)
-    except TinyVLAError as err:
-        sys.exit(f"tinyvla: error: {err}")
+        evaluate_libero(e.eval, e) if e.eval else train(m, d, e, targs)
+    except TinyVLAError as err:  # one from a DataLoader worker arrives with its traceback: the last line is the message
+        for bar in list(tqdm._instances):  # close the progress bars first: the message is the last line printed
+            bar.close()
+        sys.exit(f"tinyvla: error: {str(err).strip().splitlines()[-1].split('TinyVLAError: ')[-1]}")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,11 @@ def test_ensembling_with_action_horizon_equal_to_horizon():
         tinyvla.ActionEnsembler(window=10).act(0)
 
 
+def test_results_table_of_no_episodes():  # a shard with nothing finished yet, and no other shard's results
+    table, summary = tinyvla.results_table([])
+    assert table.splitlines() == ["| suite | task | episodes | success |", "|---|---|---|---|"] and summary == {}
+
+
 def test_protocol_helpers():
     assert tinyvla.binarize_gripper([0.1] * 6 + [0.3])[-1] == 1 and tinyvla.binarize_gripper([0] * 7)[-1] == -1
     assert tinyvla.binarize_gripper([0.5] * 6 + [-0.2]).tolist() == [0.5] * 6 + [-1]
@@ -260,3 +265,22 @@ def test_reference_stats_pickle_runs_no_code(tiny_model, tmp_path):
     with pytest.raises(tinyvla.TinyVLAError, match=r"is not VLA-0's action stats.*it asks for posix\.system"):
         tinyvla.Policy(run, device="cpu")
     assert not (tmp_path / "ran").exists()
+
+
+def test_checkpoints_of_older_versions_still_load(trained_run, tmp_path):
+    """A checkpoint saved before train_suite, action_norm and eval_after_train were dropped loads; one trained with
+    per-task bounds is refused (its answers mean something else), in one line."""
+    import json
+    import shutil
+    ckpt = shutil.copytree(trained_run[0] / "final", tmp_path / "old")
+    run = json.loads((ckpt / tinyvla.RUN_CONFIG).read_text())
+    run["data"].update(train_suite="", action_norm="global")
+    run["eval"]["eval_after_train"] = 0
+    (ckpt / tinyvla.RUN_CONFIG).write_text(json.dumps(run))
+    _, m, d, stats = tinyvla.load_run_info(ckpt)
+    assert d.horizon == 8 and len(stats["global"]["lo"]) == 7
+    assert tinyvla.parse_args(["--eval", str(ckpt)])[2].eval == str(ckpt)
+    run["data"]["action_norm"] = "per_task"
+    (ckpt / tinyvla.RUN_CONFIG).write_text(json.dumps(run))
+    with pytest.raises(tinyvla.TinyVLAError, match="per-task action bounds"):
+        tinyvla.load_run_info(ckpt)

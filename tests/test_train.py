@@ -117,7 +117,7 @@ def test_kill_during_save_resumes_from_the_last_complete_checkpoint(tiny_model, 
     complete = max((c for c in out.glob("checkpoint-*") if tinyvla.trained_steps(c)), key=lambda c: int(c.name[11:]))
     step = int(complete.name[11:])
     assert step == int(partial.name[11:]) - 1
-    for extra, message in [((), "already holds a run; continue it with --resume_from_checkpoint last"),
+    for extra, message in [((), "already holds a run: continue it (--resume_from_checkpoint last)"),
                            (("--resume_from_checkpoint", partial), "is not a complete checkpoint")]:
         r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args, *extra], capture_output=True, text=True,
                            timeout=300)

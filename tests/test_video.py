@@ -1,8 +1,12 @@
 """Video-encoded LeRobot datasets: the frame of row t is frame t (both layouts, both codecs, two cameras with their
 own file offsets), loud failures for anything else, and an own-robot dataset (D = 6, 30 fps, one 640x480 camera)
 trained end to end through the CLI."""
+import gc
 import json
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from test_train import run_cli
 
 import tiny
 import tinyvla
-from conftest import train_args
+from conftest import ROOT, train_args
 
 V3_KEYS = dict(image_keys=["observation.images.image", "observation.images.image2"], action_key="action")
 
@@ -55,6 +59,43 @@ def test_a_video_whose_timestamps_do_not_match_fails_loudly(video_datasets, tmp_
         train.frames(1, ["wrist_image"])
 
 
+def test_dataloader_workers_read_many_videos_in_random_order(tmp_path):
+    """80 video files (more than a worker keeps open) read by a DataLoader worker forked after the main process had
+    opened and decoded some: every frame is right, and nothing hangs (a forked worker freeing an inherited decoder
+    that owns threads would)."""
+    import torch
+    data = tiny.make_dataset(tmp_path / "many", episodes=40, length=(6, 8), video="h264")
+    train, _, _ = tinyvla.build_datasets(data_args(data, "v2.1", val_ratio=0.0), seed=0)  # decodes row 0 here
+
+    class Indices(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(train)
+
+        def __getitem__(self, i):
+            if i % 16 == 0:  # what happens sooner or later anyway: containers evicted from the cache are freed
+                gc.collect()
+            return int(train.rows[i]), [tiny.read_frame_index(f) for f in train.frames(train.rows[i])]
+
+    loader = torch.utils.data.DataLoader(Indices(), batch_size=None, shuffle=True, num_workers=1, timeout=120,
+                                         generator=torch.Generator().manual_seed(0))  # hangs: timeout error
+    seen = [(row, frames) for row, frames in loader]
+    assert len(seen) == len(train) and all(list(map(tuple, f)) == [(row, 0), (row, 1)] for row, f in seen)
+
+
+def test_a_bad_frame_met_in_a_dataloader_worker_is_one_line(video_datasets, tiny_model, tmp_path):
+    data = shutil.copytree(video_datasets["v2.1", "h264"], tmp_path / "data")
+    for ep in range(8):  # every wrist video at 5 fps: frame 0 is there (the load check passes), odd frames are not
+        frames = [tiny.frame_pixels(i, 1, 64, 64, np.random.default_rng(0)) for i in range(0, 24, 2)]
+        tiny.write_video(data / f"videos/chunk-000/wrist_image/episode_{ep:06d}.mp4", frames, 5, "h264")
+    r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *train_args(
+        tiny_model, data, tmp_path / "run", "--dataloader_num_workers", 1, "--max_steps", 8, "--eval_strategy", "no",
+        "--save_strategy", "no")], capture_output=True, text=True, timeout=600)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.fullmatch(r"tinyvla: error: \S+wrist_image/episode_\d+\.mp4 has no frame at \d\.\d{3}s \(frame \d+, the "
+                        r"next is at \d\.\d{3}s\): it does not match the dataset's timestamps", last), last
+
+
 def test_bad_video_datasets_are_one_line_before_anything_is_written(video_datasets, tiny_model, tmp_path):
     work = tmp_path / "work"
     source = video_datasets["v3.0", "h264"]
@@ -84,7 +125,6 @@ def test_bad_video_datasets_are_one_line_before_anything_is_written(video_datase
                           str(work / "run"), "--action_key", "action", "--image_keys", *keys])
         line = str(exit_.value.code)
         assert line.startswith("tinyvla: error: ") and "\n" not in line, line
-        import re
         assert re.search(message, line), line
         assert snapshot(work) == before
 
