@@ -18,6 +18,7 @@ from argparse import ArgumentError
 from collections import deque
 from contextlib import suppress
 from functools import lru_cache
+from operator import itemgetter
 from dataclasses import asdict, dataclass, field, fields
 from importlib.util import find_spec
 from pathlib import Path
@@ -742,7 +743,7 @@ def episode_list(e):
     return out
 
 
-episode_key = lambda r: (r["suite"], r["task_id"], r["episode"])  # what identifies an episode in results
+episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an episode in results
 
 
 def read_results(*paths):
