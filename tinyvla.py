@@ -2,6 +2,7 @@
 
     python tinyvla.py --config config.yaml                    # train; accelerate launch tinyvla.py ... for many GPUs
     python tinyvla.py --eval runs/vla0/final --suite libero_spatial   # evaluate a checkpoint in the LIBERO sim
+    python tinyvla.py --serve runs/vla0/final                # answer robots over openpi's websocket protocol
 """
 
 import fcntl
@@ -10,13 +11,17 @@ import logging
 import math
 import os
 import pickle
+import queue
 import random
 import re
 import sys
+import threading
+import time
 import warnings
 from argparse import ArgumentError
 from collections import deque
 from contextlib import suppress
+from concurrent.futures import Future
 from functools import lru_cache
 from operator import itemgetter
 from dataclasses import asdict, dataclass, field, fields
@@ -26,6 +31,7 @@ from typing import Literal, get_args, get_origin
 
 import av
 import datasets
+import msgpack
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -141,6 +147,11 @@ class EvalArgs(Checked):
     gen_eval_samples: int = arg(30, "Val samples decoded for generation metrics.", "[1, inf)")
     eval_max_batches: int = arg(0, "Val loss on this many batches (0: all of val).", "[0, inf)")
     save_every_epochs: int = arg(1, "With save_strategy epoch: every N epochs.", "[1, inf)")
+    serve: str = arg("", "Checkpoint dir to serve to robots over openpi's websocket protocol.")
+    host: str = arg("127.0.0.1", "Serve on this address (0.0.0.0: every interface; set api_key).")
+    port: int = arg(8000, "Serve on this port.", "[1, 65535]")
+    api_key: str = arg("", "Clients must send 'Authorization: Api-Key <key>' (openpi: api_key=).")
+    obs_keys: list[str] = arg(["observation/image", "observation/wrist_image"], "Request keys of the cameras.")
 
 
 def parse_args(argv=None):
@@ -152,10 +163,11 @@ def parse_args(argv=None):
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
         gradient_checkpointing=None,  # TRL's True set a name transformers deprecates (a warning); off unless asked
         bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())  # so CPU-only machines just work
-    saved = Path(argv[argv.index("--eval") + 1], RUN_CONFIG) if "--eval" in argv[:-1] else None
+    mode = next((flag for flag in ("--eval", "--serve") if flag in argv[:-1]), None)
+    saved = Path(argv[argv.index(mode) + 1], RUN_CONFIG) if mode else None
     if saved and saved.exists():  # the checkpoint's eval settings become the defaults; yaml and flags still win
         parser.set_defaults(**{k: v for k, v in json.loads(saved.read_text())["eval"].items() if k in {
-            f.name for f in fields(EvalArgs)} - {"eval", "eval_dir", "shard_id", "num_shards"}})
+            f.name for f in fields(EvalArgs)} - {"eval", "eval_dir", "shard_id", "num_shards", "serve", "api_key"}})
     try:
         margs, dargs, eargs, targs = parser.parse_args_and_config(argv)
     except (ArgumentError, ValueError, OSError, yaml.YAMLError) as e:  # also unknown keys, a bad or missing yaml
@@ -171,7 +183,7 @@ def parse_args(argv=None):
         raise TinyVLAError(f"shard_id must be in [0, {eargs.num_shards - 1}] (below num_shards), got {eargs.shard_id}")
     if dargs.val_ratio == 0:
         targs.eval_strategy = "no"  # nothing to evaluate on
-    if not eargs.eval:
+    if not (eargs.eval or eargs.serve):
         targs.resume_from_checkpoint = resume_point(targs.output_dir, targs.resume_from_checkpoint, targs.max_steps)
     return margs, dargs, eargs, targs
 
@@ -417,7 +429,8 @@ def build_datasets(d, seed):
     n_val = min(max(1, round(d.val_ratio * len(ep_ids))), len(ep_ids) - 1) if d.val_ratio > 0 else 0
     train_rows = np.flatnonzero(np.isin(episodes, ep_ids[n_val:]))
     val_rows = np.flatnonzero(np.isin(episodes, ep_ids[:n_val]))
-    stats = {"global": {"lo": actions[train_rows].min(0).tolist(), "hi": actions[train_rows].max(0).tolist()}}
+    stats = {"global": {"lo": actions[train_rows].min(0).tolist(), "hi": actions[train_rows].max(0).tolist()},
+             "tasks": sorted(set(tasks[train_rows]))}  # the instructions it was trained on: the server tells clients
     videos = {k: video_rows(root, info, k, episodes.tolist(), meta["timestamp"][order].tolist()) for k in d.image_keys
               if info["features"][k]["dtype"] == "video"}  # row r of these (and of table) is row r of the arrays
     table = ds.select_columns([k for k in d.image_keys if k not in videos]).select(order)
@@ -628,6 +641,46 @@ class Policy:
         return np.nan_to_num(actions)  # the grammar makes failures impossible; counted above if one slips through
 
 
+class Batcher:
+    """Many threads' policy requests answered by one batched call per round, in a thread of its own: the server's
+    clients (a round takes what has arrived) and the eval's simulators (lockstep: a round waits for every member)."""
+
+    def __init__(self, policy):
+        self.policy, self.cond, self.waiting, self.members = policy, threading.Condition(), [], set()
+        self.served, self.since = 0, None  # requests answered; when the first round began
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def __call__(self, images, task, lockstep=False):
+        """-> (chunk, seconds the batched call took, its batch size). lockstep: later rounds wait for this thread."""
+        future = Future()
+        with self.cond:
+            self.members |= {threading.get_ident()} if lockstep else set()
+            self.waiting.append((images, task, future))
+            self.cond.notify()
+        return future.result()
+
+    def leave(self):  # a lockstep thread whose episode ended: rounds no longer wait for it
+        with self.cond:
+            self.members.discard(threading.get_ident())
+            self.cond.notify()
+
+    def run(self):
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.waiting and len(self.waiting) >= len(self.members))
+                batch, self.waiting = self.waiting, []
+            start = time.perf_counter()
+            self.since = self.since or time.time()
+            try:
+                chunks = self.policy([images for images, _, _ in batch], [task for _, task, _ in batch])
+                self.served += len(batch)
+                for (*_, future), chunk in zip(batch, chunks):
+                    future.set_result((chunk, time.perf_counter() - start, len(batch)))
+            except Exception as err:  # out of memory, say: each request of the round raises it
+                for *_, future in batch:
+                    future.set_exception(err)
+
+
 # ----------------------------------------------------------------------------- ensembling
 class ActionEnsembler:
     """Step t's action: the weighted average of the last `window` chunks' predictions for t. VLA-0's versions: 1, the
@@ -766,8 +819,6 @@ def results_table(results):
 def evaluate_libero(ckpt, e, policy=None):
     """Batched, resumable LIBERO evaluation; one policy call per step for all live envs."""
     import multiprocessing as mp
-    import time
-    from multiprocessing.connection import wait as mp_wait
     policy = policy or Policy(ckpt, static_cache=e.static_cache)  # first: a bad checkpoint fails before any write
     if e.action_horizon > policy.d.horizon:
         raise TinyVLAError(f"action_horizon {e.action_horizon} is longer than the policy's chunks ({policy.d.horizon})")
@@ -786,56 +837,53 @@ def evaluate_libero(ckpt, e, policy=None):
     os.replace(results_file.with_suffix(".tmp"), results_file)  # duplicates, a torn line gone; a kill here loses none
     finished = {episode_key(r) for r in results}
     pending = deque(ep for ep in all_episodes[e.shard_id::e.num_shards] if episode_key(ep) not in finished)
-    ctx, n = mp.get_context("spawn"), min(e.num_envs, len(pending))
+    ctx, n, todo = mp.get_context("spawn"), min(e.num_envs, len(pending)), len(pending)
+    batcher, events = Batcher(policy), queue.SimpleQueue()  # events: (episode, "done" or "error", result or text)
+
+    def relay(conn, proc):  # a thread per simulator: hands it episodes, passes its observations to the batcher
+        try:
+            while True:
+                ep = pending.popleft()  # atomic: no episode is taken twice; none left: IndexError ends the thread
+                conn.send(ep)
+                while (msg := conn.recv())[0] == "obs":  # lockstep: full policy batches of the envs stepping
+                    conn.send(batcher(msg[1], ep["task"], lockstep=True)[0])
+                batcher.leave()  # next: a video written, a scene built; the others do not wait for that
+                events.put((ep, *msg))
+        except (EOFError, OSError):  # the worker process died (killed, out of memory, a crash in MuJoCo)
+            proc.join(5)
+            events.put((ep, "error", f"its worker process died (exit code {proc.exitcode})"))
+        except IndexError:
+            pass
+        except Exception as err:  # the policy failed: the main thread raises it
+            events.put((ep, "raise", err))
+        finally:
+            batcher.leave()
+            conn.close()  # the worker reads EOF: it closes its simulator and exits
+
     conns, ends = zip(*(ctx.Pipe() for _ in range(n))) if n else ((), ())
     procs = [ctx.Process(target=env_worker, args=(end, assets, e, out_dir), daemon=True) for end in ends]
-    for proc, end in zip(procs, ends):
+    for proc, end, conn in zip(procs, ends, conns):
         proc.start()
         end.close()  # the worker's end lives in the worker now: its death reads as EOF here, not as a hang
-    running, asking = [None] * n, []  # per env: its episode; (env, observation) for the policy this round
-    bar = tqdm(total=len(pending), desc=f"LIBERO {e.suite}", unit="ep")
-    env_steps, queries, t_start = 0, 0, None  # timed from the first observation: without the first scene build
-    while pending or any(running):
-        for i in (i for i in range(n) if running[i] is None and pending):  # the next episode; its scene builds
-            running[i] = pending.popleft()  # while the other envs keep stepping
-            with suppress(OSError):  # a dead worker: its EOF, received next round, reports it
-                conns[i].send(running[i])
-        # envs answered last round answer again (lockstep: full policy batches); one building a scene joins when ready
-        live, answered = [i for i, ep in enumerate(running) if ep], {i for i, _ in asking}
-        ready = [i for i in live if i in answered or conns[i].poll()] or [
-            conns.index(c) for c in mp_wait([conns[i] for i in live])]  # all building scenes: the first one done
-        asking = []  # (env, its observation)
-        for i in ready:
-            try:
-                kind, payload = conns[i].recv()
-            except (EOFError, OSError):  # the worker process died (killed, out of memory, a crash in MuJoCo)
-                procs[i].join(5)
-                kind, payload = "error", f"its worker process died (exit code {procs[i].exitcode})"
-            if kind == "error":
-                raise TinyVLAError("the simulator failed in {suite} task {task_id} episode {episode}: ".format(
-                    **running[i]) + f"{payload} (finished episodes are saved; rerun to resume)")
-            if kind == "obs":
-                asking.append((i, payload))
-                continue
-            with open(results_file, "a") as f:  # one line per finished episode: a rerun skips it
-                f.write(json.dumps(payload) + "\n")
-            results.append(payload)
-            env_steps += payload["steps"]
-            bar.update(1)
-            bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.0%}")
-            running[i] = None
-        if asking:
-            t_start = t_start or time.time()
-            chunks = policy([images for _, images in asking], [running[i]["task"] for i, _ in asking])
-            queries += len(asking)
-            for (i, _), chunk in zip(asking, chunks):
-                with suppress(OSError):  # as above
-                    conns[i].send(chunk)
+        threading.Thread(target=relay, args=(conn, proc), daemon=True).start()
+    bar, env_steps = tqdm(total=todo, desc=f"LIBERO {e.suite}", unit="ep"), 0
+    for _ in range(todo):
+        ep, kind, payload = events.get()
+        if kind == "raise":
+            raise payload
+        if kind == "error":
+            raise TinyVLAError("the simulator failed in {suite} task {task_id} episode {episode}: ".format(**ep) +
+                               f"{payload} (finished episodes are saved; rerun to resume)")
+        with open(results_file, "a") as f:  # one line per finished episode: a rerun skips it
+            f.write(json.dumps(payload) + "\n")
+        results.append(payload)
+        env_steps += payload["steps"]
+        bar.update(1)
+        bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.0%}")
     bar.close()
-    for conn, proc in zip(conns, procs):
-        conn.close()  # the worker reads EOF: it closes its simulator and exits
-        proc.join(timeout=30)
-    elapsed = time.time() - (t_start or time.time())
+    for proc in procs:
+        proc.join(timeout=30)  # each worker has read EOF: it closes its simulator and exits
+    elapsed, queries = time.time() - (batcher.since or time.time()), batcher.served
     wanted = {episode_key(ep) for ep in all_episodes}  # this eval's episodes, each counted once over all shards
     merged = [r for r in read_results(*sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")))
               if episode_key(r) in wanted]
@@ -847,6 +895,86 @@ def evaluate_libero(ckpt, e, policy=None):
     print(f"{env_steps} env steps, {queries} policy queries in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} "
           f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}")
     return summary
+
+
+# ----------------------------------------------------------------------------- serving
+def to_wire(x):  # openpi's msgpack-numpy: an array travels as a map of its bytes, dtype and shape
+    return {b"__ndarray__": True, b"data": x.tobytes(), b"dtype": x.dtype.str, b"shape": x.shape} \
+        if isinstance(x, np.ndarray) else x
+
+
+def from_wire(x):
+    return np.ndarray(x[b"shape"], np.dtype(x[b"dtype"]), x[b"data"]) if b"__ndarray__" in x else x
+
+
+def request_images(obs, keys, d):
+    """A request's camera images, checked: each an RGB image (HWC uint8) the crop leaves pixels of."""
+    missing = [k for k in (*keys, "prompt") if k not in obs] if isinstance(obs, dict) else [*keys, "prompt"]
+    if missing:
+        raise ValueError(f"the request lacks {missing}: send a map with {[*keys, 'prompt']}")
+    for k in keys:
+        x = obs[k]
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[2] == 3
+                and min(x.shape[:2]) * d.crop_ratio >= 1):
+            raise ValueError(f"{k} must be an RGB image as an HWC uint8 array, got "
+                             + (f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__))
+    if not isinstance(obs["prompt"], str):
+        raise ValueError(f"prompt must be a string, got {type(obs['prompt']).__name__}")
+    return [obs[k] for k in keys]
+
+
+def serve_policy(ckpt, e):
+    """A checkpoint served over openpi's protocol: websocket, msgpack with numpy arrays, metadata on connect, a text
+    frame for a bad request. A connection is one episode (ensembled apart); {"reset": true} starts the next."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.server import serve
+    batcher = Batcher(Policy(ckpt, static_cache=e.static_cache))
+    d, stats, (lo, hi) = batcher.policy.d, batcher.policy.stats, action_bounds(batcher.policy.stats)
+    if len(e.obs_keys) != len(d.image_keys):
+        raise TinyVLAError(f"obs_keys {e.obs_keys}: the policy sees {len(d.image_keys)} cameras ({d.image_keys})")
+    meta = {"image_keys": e.obs_keys, "prompt_key": "prompt", "horizon": d.horizon, "action_dim": len(lo),
+            "action_low": lo.tolist(), "action_high": hi.tolist(), "instructions": stats.get("tasks"),
+            **{k: getattr(e, k) for k in ("ensemble_window", "ensemble_version", "ensemble_weight")}}
+
+    def authorize(connection, request):  # openpi's clients send "Authorization: Api-Key <key>"
+        if e.api_key and request.headers.get("Authorization") != f"Api-Key {e.api_key}":
+            return connection.respond(401, "wrong or missing API key\n")
+
+    def session(ws):  # a thread per connection: one episode at a time, ensembled apart; {"reset": true} ends it
+        ensembler, t = None, 0
+        with suppress(ConnectionClosed):  # the client left, mid-request too: its answer is dropped, the others go on
+            ws.send(msgpack.packb(meta))
+            for message in ws:
+                try:
+                    obs = msgpack.unpackb(message, object_hook=from_wire)
+                    reset = isinstance(obs, dict) and obs.get("reset")
+                    if reset or ensembler is None:
+                        ensembler, t = ActionEnsembler(e.ensemble_window, e.ensemble_version, e.ensemble_weight), 0
+                    if reset:
+                        ws.send(msgpack.packb({"reset": True}))
+                        continue
+                    images, start = request_images(obs, e.obs_keys, d), time.perf_counter()
+                    chunk, model_s, batch = batcher(images, obs["prompt"])
+                    ensembler.add(t, chunk)
+                    timing = {"model_ms": 1e3 * model_s, "wall_ms": 1e3 * (time.perf_counter() - start), "batch": batch}
+                    print(f"{ws.remote_address[0]}:{ws.remote_address[1]} step {t}: model {timing['model_ms']:.0f} ms, "
+                          f"wall {timing['wall_ms']:.0f} ms, batch {batch}", flush=True)
+                    ws.send(msgpack.packb({"actions": chunk, "action": ensembler.act(t), "server_timing": timing},
+                                          default=to_wire))
+                    t += 1
+                except Exception as err:  # openpi's clients raise a text reply; the connection and the server stay up
+                    ws.send(f"{type(err).__name__}: {err}")
+
+    if e.host not in ("127.0.0.1", "localhost", "::1") and not e.api_key:
+        print(f"warning: serving on {e.host} without --api_key: anyone who reaches the port drives the robot",
+              file=sys.stderr)
+    try:
+        with serve(session, e.host, e.port, compression=None, max_size=None, process_request=authorize) as server:
+            print(f"serving {ckpt} on ws://{e.host}:{e.port} (openpi protocol); Ctrl-C stops", flush=True)
+            with suppress(KeyboardInterrupt):
+                server.serve_forever()
+    except OSError as err:
+        raise TinyVLAError(f"cannot serve on {e.host}:{e.port} ({err.strerror}); choose another --port") from None
 
 
 # ----------------------------------------------------------------------------- main
@@ -889,7 +1017,7 @@ def train(m, d, e, targs):
 def main(argv=None):
     try:
         m, d, e, targs = parse_args(argv)
-        evaluate_libero(e.eval, e) if e.eval else train(m, d, e, targs)
+        evaluate_libero(e.eval, e) if e.eval else serve_policy(e.serve, e) if e.serve else train(m, d, e, targs)
     except TinyVLAError as err:  # one from a DataLoader worker arrives with its traceback: the last line is the message
         for bar in list(tqdm._instances):  # close the progress bars first: the message is the last line printed
             bar.close()

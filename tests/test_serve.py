@@ -1,0 +1,224 @@
+"""The policy server (--serve) driven by the real openpi client: openpi-client 0.1.2 from the package registry, in a
+venv of its own (it pins numpy < 2), talking to the server over 127.0.0.1 with the tiny checkpoint."""
+import json
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny
+import tinyvla
+from conftest import ROOT
+
+KEY = "test-key"
+CLIENT_VENV = Path(tempfile.gettempdir()) / "tinyvla-openpi-client-0.1.2"
+
+
+@pytest.fixture(scope="session")
+def openpi_python():
+    """A venv with openpi-client (and typing_extensions, which it imports without declaring), built once."""
+    python = CLIENT_VENV / "bin" / "python"
+    if not (CLIENT_VENV / "ready").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(CLIENT_VENV)], check=True)
+        r = subprocess.run([str(python), "-m", "pip", "install", "-q", "openpi-client==0.1.2", "typing_extensions"],
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode:
+            pytest.skip(f"openpi-client could not be installed from the package registry: {r.stderr[-300:]}")
+        (CLIENT_VENV / "ready").touch()
+    return python
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(ckpt, *extra, expect="serving"):
+    """tinyvla.py --serve in a subprocess; returns it with its stdout and stderr lines (read as they come)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tinyvla.py"), "--serve", str(ckpt), *map(str, extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = [], []
+    for stream, lines in ((proc.stdout, out), (proc.stderr, err)):
+        threading.Thread(target=lambda s=stream, ls=lines: ls.extend(s), daemon=True).start()
+    deadline = time.time() + 300
+    while not any(expect in line for line in out + err) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    return proc, out, err
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    port = free_port()
+    proc, out, err = start_server(trained_run[0] / "final", "--port", port, "--api_key", KEY, "--ensemble_window", 3)
+    assert proc.poll() is None, "".join(err)[-3000:]
+    yield port, proc, out
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def policy(trained_run):
+    return tinyvla.Policy(trained_run[0] / "final", device="cpu")
+
+
+def observations(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[rng.integers(0, 255, (224, 224, 3), np.uint8) for _ in range(2)] for _ in range(n)]
+
+
+def client(openpi_python, tmp_path, port, code, obs=()):
+    """Runs `code` with openpi_client in its venv and returns the dict `out` it fills. It finds `client(key)`, a
+    connected WebsocketClientPolicy, `obs` (the [image, wrist] pairs given) and `good(i)` (a request of pair i)."""
+    np.savez(tmp_path / "obs.npz", *[img for pair in obs for img in pair])
+    script = f"""
+import json, threading, numpy as np
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+client = lambda key={KEY!r}: WebsocketClientPolicy("127.0.0.1", {port}, api_key=key)
+data = np.load({str(tmp_path / "obs.npz")!r})
+obs = [[data[f"arr_{{2 * i}}"], data[f"arr_{{2 * i + 1}}"]] for i in range(len(data.files) // 2)]
+good = lambda i: {{"observation/image": obs[i][0], "observation/wrist_image": obs[i][1], "prompt": {tiny.TASKS[0]!r}}}
+out = {{}}
+""" + code + "\nprint(json.dumps(out, default=lambda x: x.tolist()))\n"
+    r = subprocess.run([str(openpi_python), "-c", script], capture_output=True, text=True, timeout=300,
+                       env={"PATH": "/usr/bin:/bin", "NO_PROXY": "*"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_metadata_and_chunk_equal_the_policy(server, policy, openpi_python, tmp_path):
+    port, _, log = server
+    obs = observations(1)
+    out = client(openpi_python, tmp_path, port, """
+policy = client()
+out["meta"] = policy.get_server_metadata()
+reply = policy.infer(good(0))
+out["actions"], out["timing"], out["dtype"] = reply["actions"], reply["server_timing"], str(reply["actions"].dtype)
+""", obs)
+    meta, (lo, hi) = out["meta"], tinyvla.action_bounds(policy.stats)
+    assert meta["image_keys"] == ["observation/image", "observation/wrist_image"] and meta["prompt_key"] == "prompt"
+    assert meta["horizon"] == 8 and meta["action_dim"] == 7 and np.allclose(meta["action_low"], lo)
+    assert np.allclose(meta["action_high"], hi) and tiny.TASKS[0] in meta["instructions"]
+    assert meta["ensemble_window"] == 3
+    expected = policy(obs, [tiny.TASKS[0]])[0]
+    assert out["dtype"] == "float64" and np.allclose(out["actions"], expected, atol=1e-6)
+    assert out["timing"]["batch"] == 1 and 0 < out["timing"]["model_ms"] <= out["timing"]["wall_ms"]
+    assert any(re.search(r"model \d+ ms, wall \d+ ms, batch 1", line) for line in log)  # the server's log
+
+
+def test_server_side_ensembling_per_connection(server, policy, openpi_python, tmp_path):
+    """"action" is what the LIBERO eval's ActionEnsembler gives over the episode; a reset starts a new one."""
+    port, *_ = server
+    obs = observations(5, seed=1)
+    out = client(openpi_python, tmp_path, port, """
+policy = client()
+replies = [policy.infer(good(i)) for i in range(4)]
+out["chunks"], out["actions"] = [r["actions"] for r in replies], [r["action"] for r in replies]
+out["reset"] = policy.infer({"reset": True})
+out["after_reset"] = policy.infer(good(4))
+""", obs)
+    chunks = policy(obs, [tiny.TASKS[0]] * 5)
+    ensembler = tinyvla.ActionEnsembler(3, 1, 0.5)
+    for t in range(4):
+        ensembler.add(t, chunks[t])
+        assert np.allclose(out["chunks"][t], chunks[t], atol=1e-6)
+        assert np.allclose(out["actions"][t], ensembler.act(t), atol=1e-6)
+    assert not np.allclose(out["actions"][3], chunks[3][0])  # three chunks averaged, not the newest alone
+    assert out["reset"] == {"reset": True} and np.allclose(out["after_reset"]["action"], chunks[4][0], atol=1e-6)
+
+
+def test_bad_requests_are_answered_and_the_next_good_one_works(server, openpi_python, tmp_path):
+    port, proc, _ = server
+    out = client(openpi_python, tmp_path, port, """
+policy = client()
+bad = {
+    "not msgpack": b"\\xc1 not msgpack",
+    "not a map": 7,
+    "missing key": {"observation/image": obs[0][0], "prompt": "x"},
+    "float image": {**good(0), "observation/image": obs[0][0].astype(np.float32)},
+    "no channels": {**good(0), "observation/wrist_image": obs[0][1][..., 0]},
+    "empty image": {**good(0), "observation/image": obs[0][0][:0]},
+    "prompt not text": {**good(0), "prompt": 3},
+}
+out["errors"], out["next"] = {}, []
+for name, request in bad.items():
+    try:
+        if isinstance(request, bytes):
+            policy._ws.send(request)
+            reply = policy._ws.recv()
+            raise RuntimeError(reply) if isinstance(reply, str) else AssertionError("bytes back")
+        policy.infer(request)
+        out["errors"][name] = None
+    except RuntimeError as err:
+        out["errors"][name] = str(err)
+    out["next"].append(policy.infer(good(0))["actions"].shape)
+""", observations(1))
+    errors = out["errors"]
+    assert all(errors.values()), errors
+    assert "request lacks ['observation/wrist_image']" in errors["missing key"]
+    assert "observation/image must be an RGB image as an HWC uint8 array, got float32" in errors["float image"]
+    assert "observation/wrist_image" in errors["no channels"] and "(224, 224)" in errors["no channels"]
+    assert "observation/image" in errors["empty image"] and "prompt must be a string, got int" in errors[
+        "prompt not text"]
+    assert out["next"] == [[8, 7]] * len(errors) and proc.poll() is None
+
+
+def test_api_key_is_enforced_at_the_handshake(server, openpi_python, tmp_path):
+    port, *_ = server
+    out = client(openpi_python, tmp_path, port, """
+for name, key in (("missing", None), ("wrong", "nope")):
+    try:
+        client(key)
+        out[name] = "connected"
+    except Exception as err:
+        out[name] = f"{type(err).__name__}: {err}"
+""")
+    assert out["missing"].startswith("InvalidStatus") and "401" in out["missing"], out
+    assert out["wrong"].startswith("InvalidStatus") and "401" in out["wrong"], out
+
+
+def test_concurrent_clients_share_batched_calls(server, policy, openpi_python, tmp_path):
+    """Four robots at once, plus one that leaves mid-request: each robot gets its own answers, some policy call
+    served more than one of them, and the server keeps answering."""
+    port, proc, _ = server
+    obs = observations(4, seed=2)
+    out = client(openpi_python, tmp_path, port, """
+clients = [client() for _ in range(5)]
+start, results = threading.Barrier(5), {}
+def robot(i):
+    start.wait()
+    if i == 4:  # sends a request and leaves before the answer
+        clients[i]._ws.send(clients[i]._packer.pack(good(0)))
+        clients[i]._ws.close()
+        return
+    results[i] = [clients[i].infer(good(i)) for _ in range(3)]
+threads = [threading.Thread(target=robot, args=(i,)) for i in range(5)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+out["actions"] = {i: [r["actions"] for r in rs] for i, rs in results.items()}
+out["batches"] = [r["server_timing"]["batch"] for rs in results.values() for r in rs]
+out["after"] = client().infer(good(1))["actions"]
+""", obs)
+    expected = policy(obs, [tiny.TASKS[0]] * 4)
+    for i in range(4):
+        assert all(np.allclose(a, expected[i], atol=1e-6) for a in out["actions"][str(i)])
+    assert max(out["batches"]) > 1, out["batches"]
+    assert np.allclose(out["after"], expected[1], atol=1e-6) and proc.poll() is None
+
+
+def test_exposed_host_warns_and_busy_port_is_one_line(trained_run, server):
+    port, *_ = server
+    proc, _, err = start_server(trained_run[0] / "final", "--port", port)
+    proc.wait(120)
+    assert proc.returncode != 0 and err[-1].startswith(f"tinyvla: error: cannot serve on 127.0.0.1:{port}"), err
+    proc, out, err = start_server(trained_run[0] / "final", "--port", free_port(), "--host", "0.0.0.0")
+    proc.terminate()
+    proc.wait(30)
+    assert any("without --api_key" in line for line in err), err
