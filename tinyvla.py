@@ -59,6 +59,7 @@ WAIT_STEPS, WAIT_ACTION = 10, [0.0] * 6 + [-1.0]  # let objects settle after set
 ENV_SEED, CAMERA_RES = 7, 256
 TOKENS_PER_NUMBER = 5  # answer length bound: up to 4 digits ("1000"), then a space or (after the last) the end token
 PROMPT_BUCKET = 64  # static_cache: prompts are left-padded to a multiple of this, so few shapes get compiled
+episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an episode in LIBERO eval results
 
 
 # No business of the user's: robosuite's macro-file advice, a bitsandbytes kernel fetch, a deprecated name PEFT reads
@@ -423,9 +424,8 @@ def build_datasets(d, seed):
     if len(bad):
         raise TinyVLAError(f"{d.repo_id}: {d.action_key} is NaN or inf in {len(bad)} frames, the first in episode "
                            f"{episodes[bad[0]]} frame {meta['frame_index'][order][bad[0]]}; fix or drop those episodes")
-    starts = np.flatnonzero(np.r_[True, episodes[1:] != episodes[:-1]])
-    ep_end = np.repeat(np.r_[starts[1:], len(order)], np.diff(np.r_[starts, len(order)]))
-    ep_ids = np.random.default_rng(seed).permutation(episodes[starts])
+    ep_end = np.searchsorted(episodes, episodes, side="right")  # per row: where its episode ends (rows sorted)
+    ep_ids = np.random.default_rng(seed).permutation(np.unique(episodes))
     n_val = min(max(1, round(d.val_ratio * len(ep_ids))), len(ep_ids) - 1) if d.val_ratio > 0 else 0
     train_rows = np.flatnonzero(np.isin(episodes, ep_ids[n_val:]))
     val_rows = np.flatnonzero(np.isin(episodes, ep_ids[:n_val]))
@@ -737,7 +737,7 @@ def env_worker(conn, assets, e, out_dir):
     """One simulator per process (own render context) running whole episodes it gets: sends ("obs", images)
     for each chunk, ensembles, writes the video (encoding in parallel), answers ("done", result) or ("error", text)."""
     setup_libero(assets)
-    from libero.libero import benchmark, get_libero_path
+    from libero.libero import benchmark
     from libero.libero.envs import OffScreenRenderEnv
     env, current = None, None
     while True:
@@ -748,9 +748,8 @@ def env_worker(conn, assets, e, out_dir):
             if current != (suite, task_id):
                 if env is not None:
                     env.close()
-                spec = bench.get_task(task_id)
-                bddl = os.path.join(get_libero_path("bddl_files"), spec.problem_folder, spec.bddl_file)
-                env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=CAMERA_RES, camera_widths=CAMERA_RES)
+                env = OffScreenRenderEnv(bddl_file_name=bench.get_task_bddl_file_path(task_id),
+                                         camera_heights=CAMERA_RES, camera_widths=CAMERA_RES)
                 current = (suite, task_id)
             env.seed(ENV_SEED)
             env.reset()
@@ -794,9 +793,6 @@ def episode_list(e):
             out += [{"suite": suite, "task_id": task_id, "task": bench.get_task(task_id).language, "episode": ep,
                      "init_state": ep % n_init} for ep in range(e.episodes_per_task)]
     return out
-
-
-episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an episode in results
 
 
 def read_results(*paths):
@@ -907,19 +903,16 @@ def from_wire(x):
     return np.ndarray(x[b"shape"], np.dtype(x[b"dtype"]), x[b"data"]) if b"__ndarray__" in x else x
 
 
-def request_images(obs, keys, d):
-    """A request's camera images, checked: each an RGB image (HWC uint8) the crop leaves pixels of."""
-    missing = [k for k in (*keys, "prompt") if k not in obs] if isinstance(obs, dict) else [*keys, "prompt"]
-    if missing:
-        raise ValueError(f"the request lacks {missing}: send a map with {[*keys, 'prompt']}")
-    for k in keys:
-        x = obs[k]
-        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[2] == 3
-                and min(x.shape[:2]) * d.crop_ratio >= 1):
-            raise ValueError(f"{k} must be an RGB image as an HWC uint8 array, got "
-                             + (f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__))
-    if not isinstance(obs["prompt"], str):
-        raise ValueError(f"prompt must be a string, got {type(obs['prompt']).__name__}")
+def request_images(obs, keys, crop_ratio):
+    """A request's camera images, checked, as is its prompt: RGB images (HWC uint8 arrays) the crop leaves pixels of."""
+    obs = obs if isinstance(obs, dict) else {}
+    for k in (*keys, "prompt"):
+        x, image = obs.get(k), k != "prompt"
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[2] == 3 and min(
+                x.shape[:2]) * crop_ratio >= 1 if image else isinstance(x, str)):
+            got = (f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__) if k in obs else \
+                f"nothing (the request has {sorted(map(str, obs))})"
+            raise ValueError(f"{k} must be {'an RGB image (HWC uint8 array)' if image else 'a string'}, got {got}")
     return [obs[k] for k in keys]
 
 
@@ -941,19 +934,17 @@ def serve_policy(ckpt, e):
             return connection.respond(401, "wrong or missing API key\n")
 
     def session(ws):  # a thread per connection: one episode at a time, ensembled apart; {"reset": true} ends it
-        ensembler, t = None, 0
+        ensembler, t = ActionEnsembler(e.ensemble_window, e.ensemble_version, e.ensemble_weight), 0
         with suppress(ConnectionClosed):  # the client left, mid-request too: its answer is dropped, the others go on
             ws.send(msgpack.packb(meta))
             for message in ws:
                 try:
                     obs = msgpack.unpackb(message, object_hook=from_wire)
-                    reset = isinstance(obs, dict) and obs.get("reset")
-                    if reset or ensembler is None:
+                    if isinstance(obs, dict) and obs.get("reset"):  # the next episode: ensembled apart
                         ensembler, t = ActionEnsembler(e.ensemble_window, e.ensemble_version, e.ensemble_weight), 0
-                    if reset:
                         ws.send(msgpack.packb({"reset": True}))
                         continue
-                    images, start = request_images(obs, e.obs_keys, d), time.perf_counter()
+                    images, start = request_images(obs, e.obs_keys, d.crop_ratio), time.perf_counter()
                     chunk, model_s, batch = batcher(images, obs["prompt"])
                     ensembler.add(t, chunk)
                     timing = {"model_ms": 1e3 * model_s, "wall_ms": 1e3 * (time.perf_counter() - start), "batch": batch}

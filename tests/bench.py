@@ -3,6 +3,8 @@
     python tests/bench.py data              # data pipeline: samples/s for one DataLoader worker (CPU)
     python tests/bench.py generate          # constrained vs free decoding; per-observation time at batch 1/8/32
     python tests/bench.py train [--real]    # training step: samples/s, tokens/s, peak memory, MFU estimate
+    python tests/bench.py serve             # policy server: round trip over a direct Policy call, requests/s with
+                                            # 1, 4 and 16 concurrent clients (tiny model, CPU)
     python tests/bench.py libero            # LIBERO eval with num_envs 1, 2, 4: env steps/s, policy queries/s
     python tests/bench.py sim               # one simulator alone: steps/s with and without camera rendering, and
                                             # the env steps a full 4-suite eval takes (needs ../shared libero-meta)
@@ -233,17 +235,82 @@ def bench_train(real=False, steps=5, batches=None, preset=False):
 
 
 def bench_libero(steps=100):
-    out = TMP / "run"
-    argv = ["--model_id", str(model_dir(False)), "--repo_id", str(tiny.make_dataset(TMP / "d")), "--output_dir",
-            str(out), "--dtype", "float32", "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no"]
-    tinyvla.train(*tinyvla.parse_args(argv))
-    policy = tinyvla.Policy(out / "final")
+    ckpt = tiny_checkpoint()
+    policy = tinyvla.Policy(ckpt)
     for n in (1, 2, 4):
         e = tinyvla.parse_args(["--suite", "libero_object", "--task_ids", "0", "--episodes_per_task", str(2 * n),
                                 "--episode_max_steps", str(steps), "--num_envs", str(n), "--save_video", "false",
                                 "--eval_dir", str(TMP / f"eval{n}")])[2]
         print(f"--- num_envs {n}: {2 * n} episodes x {steps} steps (timed from the first env step)")
-        tinyvla.evaluate_libero(out / "final", e, policy)
+        tinyvla.evaluate_libero(ckpt, e, policy)
+
+
+def tiny_checkpoint():
+    out = TMP / "run"
+    if not (out / "final").exists():
+        argv = ["--model_id", str(model_dir(False)), "--repo_id", str(tiny.make_dataset(TMP / "d")), "--output_dir",
+                str(out), "--dtype", "float32", "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no"]
+        tinyvla.train(*tinyvla.parse_args(argv))
+    return out / "final"
+
+
+def bench_serve(n=30):
+    """The server's round trip over a direct Policy call at batch 1, then requests/s with concurrent clients, each
+    sending requests back to back (openpi's msgpack-numpy over websockets, as its client does)."""
+    import socket
+    import subprocess
+    import threading
+    import msgpack
+    from websockets.sync.client import connect
+    ckpt, rng = tiny_checkpoint(), np.random.default_rng(0)
+    images = [rng.integers(0, 255, (224, 224, 3), np.uint8) for _ in range(2)]
+    policy = tinyvla.Policy(ckpt)
+    policy([images], [tiny.TASKS[0]])  # warm up
+    direct = np.median([timed(lambda: policy([images], [tiny.TASKS[0]])) for _ in range(n)])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(Path(tinyvla.__file__)), "--serve", str(ckpt), "--port", str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    while "serving" not in server.stdout.readline():
+        pass
+    threading.Thread(target=lambda: server.stdout.read(), daemon=True).start()  # the per-request log
+    request = msgpack.packb({"observation/image": images[0], "observation/wrist_image": images[1],
+                             "prompt": tiny.TASKS[0]}, default=tinyvla.to_wire)
+
+    def client(count, replies):  # replies: (reply, seconds from send to reply)
+        with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
+            ws.recv()  # the metadata
+            for _ in range(count):
+                start = time.perf_counter()
+                ws.send(request)
+                replies.append((msgpack.unpackb(ws.recv(), object_hook=tinyvla.from_wire), time.perf_counter() - start))
+
+    replies = []
+    client(n + 3, replies)
+    wire = np.median([t - r["server_timing"]["model_ms"] / 1e3 for r, t in replies[3:]])
+    round_trip = np.median([t for _, t in replies[3:]])
+    print(f"batch 1 (tiny model, CPU, {n} requests on one connection, medians): a direct Policy call "
+          f"{1e3 * direct:.1f} ms; a request through the server {1e3 * round_trip:.1f} ms "
+          f"(+{1e3 * (round_trip - direct):.1f} ms), of which {1e3 * wire:.1f} ms outside the server's policy call "
+          "(packing, websocket, checks, batcher)")
+    print("  clients | requests/s | mean batch | mean round trip ms")
+    for clients in (1, 4, 16):
+        replies, per_client = [], max(2 * n // clients, 4)
+        threads = [threading.Thread(target=client, args=(per_client, replies)) for _ in range(clients)]
+        start = time.perf_counter()
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        rate = len(replies) / (time.perf_counter() - start)
+        batch = np.mean([r["server_timing"]["batch"] for r, _ in replies])
+        print(f"  {clients:7d} | {rate:10.1f} | {batch:10.1f} | {1e3 * np.mean([t for _, t in replies]):18.1f}")
+    server.terminate()
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def bench_sim(steps=60):
@@ -337,5 +404,5 @@ def bench_gpu(real=True):
 if __name__ == "__main__":
     what, real = sys.argv[1], "--real" in sys.argv
     {"data": bench_data, "generate": lambda: bench_generate(real), "train": lambda: bench_train(real),
-     "libero": bench_libero, "sim": bench_sim, "lora_params": bench_lora_params,
+     "libero": bench_libero, "serve": bench_serve, "sim": bench_sim, "lora_params": bench_lora_params,
      "gpu": lambda: bench_gpu("--cpu" not in sys.argv)}[what]()

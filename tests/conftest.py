@@ -55,3 +55,17 @@ def trained_run(tiny_model, dataset_v2, tmp_path_factory):
                                                            "--eval_steps", "2", "--save_steps", "2",
                                                            "--save_strategy", "steps")))
     return out, trainer
+
+
+@pytest.fixture(scope="module")
+def policy(trained_run):
+    """The trained tiny checkpoint as a Policy, on CPU."""
+    import tinyvla
+    return tinyvla.Policy(trained_run[0] / "final", device="cpu")
+
+
+def observations(n, seed=0):
+    """n random observations: [agent view, wrist] 256x256 RGB frames each."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return [[rng.integers(0, 255, (256, 256, 3), np.uint8) for _ in range(2)] for _ in range(n)]

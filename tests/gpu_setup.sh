@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run HERE, before `python tests/bench.py gpu` goes to a bare GPU host through the device tool (no network there).
-# It puts the wheels such a host lacks into .whl/ (TinyVLA's own TRL and datasets versions, PyAV) and the real
-# Qwen2.5-VL-3B config and LIBERO metadata into .assets/, both ignored by git and carried by the call (about 48 MB).
+# It puts the wheels such a host lacks into .whl/ (TinyVLA's own TRL and datasets versions, PyAV, websockets) and
+# the real Qwen2.5-VL-3B config and LIBERO metadata into .assets/, both ignored by git and carried by the call (about 48 MB).
 # The device call then carries [".whl", ".assets"] and runs:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
 #   export PYTHONPATH=/tmp/site TINYVLA_ASSETS=.assets PYTHONUNBUFFERED=1 && python3 tests/bench.py gpu
@@ -13,6 +13,7 @@ version() { python3 -c "import importlib.metadata as m; print(m.version('$1'))";
 rm -rf .whl .assets
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  "trl==$(version trl)" "datasets==$(version datasets)" "dill==$(version dill)" "multiprocess==$(version multiprocess)" av
+  "trl==$(version trl)" "datasets==$(version datasets)" "dill==$(version dill)" "multiprocess==$(version multiprocess)" av \
+  websockets  # --serve on the GPU host (it has msgpack)
 cp -r ../shared/assets .assets
 du -sh .whl .assets

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import QWEN_DIR, needs_shared
+from conftest import QWEN_DIR, needs_shared, observations
 
 import tinyvla
 
@@ -133,19 +133,9 @@ def test_protocol_helpers():
     assert tinyvla.WAIT_STEPS == 10 and tinyvla.WAIT_ACTION == [0] * 6 + [-1] and tinyvla.ENV_SEED == 7
 
 
-@pytest.fixture(scope="module")
-def policy(trained_run):
-    return tinyvla.Policy(trained_run[0] / "final", device="cpu")
-
-
-def _observations(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [[rng.integers(0, 255, (256, 256, 3), np.uint8) for _ in range(2)] for _ in range(n)]
-
-
 def test_batched_and_single_predictions_agree(policy):
     import tiny
-    obs, tasks = _observations(3), tiny.TASKS[:3]
+    obs, tasks = observations(3), tiny.TASKS[:3]
     batched = policy(obs, tasks)
     single = np.concatenate([policy([o], [t]) for o, t in zip(obs, tasks)])
     assert batched.shape == (3, 8, 7) and np.allclose(batched, single, atol=1e-6)
@@ -162,7 +152,7 @@ def test_generate_is_plain_constrained_greedy(policy):
     assert saved["repetition_penalty"] == 1.05 and saved["do_sample"]
     # whatever the loaded generation_config says (a large penalty makes any leak visible), predict ignores it
     policy.model.generation_config.update(repetition_penalty=50.0, do_sample=True, temperature=5.0)
-    obs = [tinyvla.prepare_images(o, policy.d) for o in _observations(1, seed=3)]
+    obs = [tinyvla.prepare_images(o, policy.d) for o in observations(1, seed=3)]
     model, col = policy.model, policy.collator
     inputs = col.prompts([{"images": obs[0], "task": tiny.TASKS[0]}])
     n = 8 * 7
@@ -211,7 +201,7 @@ def test_static_cache_decodes_the_same_actions(tiny_model):
     calls, generate = [], model.generate
     model.generate = lambda **kw: calls.append(kw) or generate(**kw)
     col, stats = tinyvla.Collator(processor, d, 7), {"global": {"lo": [0.0] * 7, "hi": [1.0] * 7}}
-    obs = [tinyvla.prepare_images(o, d) for o in _observations(3, seed=5)]
+    obs = [tinyvla.prepare_images(o, d) for o in observations(3, seed=5)]
     plain, _ = tinyvla.predict(model.eval(), col, stats, obs, tiny.TASKS[:3])
     static, ok = tinyvla.predict(model, col, stats, obs, tiny.TASKS[:3], static_cache=True)
     assert len({tuple(row) for row in plain.reshape(3, -1)}) == 3

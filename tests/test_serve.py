@@ -15,7 +15,7 @@ import pytest
 
 import tiny
 import tinyvla
-from conftest import ROOT
+from conftest import ROOT, observations
 
 KEY = "test-key"
 CLIENT_VENV = Path(tempfile.gettempdir()) / "tinyvla-openpi-client-0.1.2"
@@ -62,16 +62,6 @@ def server(trained_run):
     yield port, proc, out
     proc.terminate()
     proc.wait(30)
-
-
-@pytest.fixture(scope="module")
-def policy(trained_run):
-    return tinyvla.Policy(trained_run[0] / "final", device="cpu")
-
-
-def observations(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [[rng.integers(0, 255, (224, 224, 3), np.uint8) for _ in range(2)] for _ in range(n)]
 
 
 def client(openpi_python, tmp_path, port, code, obs=()):
@@ -162,9 +152,9 @@ for name, request in bad.items():
 """, observations(1))
     errors = out["errors"]
     assert all(errors.values()), errors
-    assert "request lacks ['observation/wrist_image']" in errors["missing key"]
-    assert "observation/image must be an RGB image as an HWC uint8 array, got float32" in errors["float image"]
-    assert "observation/wrist_image" in errors["no channels"] and "(224, 224)" in errors["no channels"]
+    assert "observation/wrist_image must be an RGB image (HWC uint8 array), got nothing" in errors["missing key"]
+    assert "observation/image must be an RGB image (HWC uint8 array), got float32" in errors["float image"]
+    assert "observation/wrist_image" in errors["no channels"] and "(256, 256)" in errors["no channels"]
     assert "observation/image" in errors["empty image"] and "prompt must be a string, got int" in errors[
         "prompt not text"]
     assert out["next"] == [[8, 7]] * len(errors) and proc.poll() is None
