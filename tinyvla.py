@@ -907,12 +907,16 @@ def request_images(obs, keys, crop_ratio):
     """A request's camera images, checked, as is its prompt: RGB images (HWC uint8 arrays) the crop leaves pixels of."""
     obs = obs if isinstance(obs, dict) else {}
     for k in (*keys, "prompt"):
-        x, image = obs.get(k), k != "prompt"
-        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[2] == 3 and min(
-                x.shape[:2]) * crop_ratio >= 1 if image else isinstance(x, str)):
+        x = obs.get(k)
+        if k == "prompt":
+            ok, want = isinstance(x, str), "a string"
+        else:
+            ok = isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[2] == 3
+            ok, want = ok and min(x.shape[:2]) * crop_ratio >= 1, "an RGB image (HWC uint8 array)"
+        if not ok:
             got = (f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__) if k in obs else \
                 f"nothing (the request has {sorted(map(str, obs))})"
-            raise ValueError(f"{k} must be {'an RGB image (HWC uint8 array)' if image else 'a string'}, got {got}")
+            raise ValueError(f"{k} must be {want}, got {got}")
     return [obs[k] for k in keys]
 
 
@@ -941,7 +945,8 @@ def serve_policy(ckpt, e):
                 try:
                     obs = msgpack.unpackb(message, object_hook=from_wire)
                     if isinstance(obs, dict) and obs.get("reset"):  # the next episode: ensembled apart
-                        ensembler, t = ActionEnsembler(e.ensemble_window, e.ensemble_version, e.ensemble_weight), 0
+                        ensembler.chunks.clear()
+                        t = 0
                         ws.send(msgpack.packb({"reset": True}))
                         continue
                     images, start = request_images(obs, e.obs_keys, d.crop_ratio), time.perf_counter()
