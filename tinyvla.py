@@ -58,7 +58,8 @@ STANDARD_SUITES = ["libero_spatial", "libero_object", "libero_goal", "libero_10"
 WAIT_STEPS, WAIT_ACTION = 10, [0.0] * 6 + [-1.0]  # let objects settle after set_init_state, gripper open
 ENV_SEED, CAMERA_RES = 7, 256
 TOKENS_PER_NUMBER = 5  # answer length bound: up to 4 digits ("1000"), then a space or (after the last) the end token
-PROMPT_BUCKET = 64  # static_cache: prompts are left-padded to a multiple of this, so few shapes get compiled
+PROMPT_BUCKET = 64  # decoder static: prompts are left-padded to a multiple of this, so few shapes get compiled
+CLASS_CHARS = "0123456789 $"  # the grammar's token classes as text: digits, the space, "$" for END_TOKEN
 episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an episode in LIBERO eval results
 
 
@@ -138,7 +139,10 @@ class EvalArgs(Checked):
     ensemble_window: int = arg(8, "Average the last this many chunks (1: none).", "[1, inf)")
     ensemble_version: Literal[1, 2] = arg(1, "VLA-0's 1: newest chunk 1, older ones ensemble_weight; 2: weight**age.")
     ensemble_weight: float = arg(0.5, "See ensemble_version; 1: a plain average.", "(0, 1]")
-    static_cache: bool = arg(False, "Decode with a static KV cache, compiled on GPU (the first call per shape).")
+    decoder: Literal["speculative", "generate", "static"] = arg(
+        "speculative", "speculative: ours, the tokens known to come next decoded in the same forward pass; generate: "
+        "transformers' generate(), a pass per token; static: that with a static KV cache, compiled on GPU.")
+    decode_width: int = arg(8, "speculative: tokens one forward pass may decode.", "[1, inf)")
     save_video: bool = arg(True, "Write an mp4 per episode.")
     libero_assets: str = arg("", "Local LIBERO assets dir (or $LIBERO_ASSETS).")
     eval_dir: str = arg("", "Results dir (default: <checkpoint>/libero_eval).")
@@ -554,8 +558,8 @@ class VLATrainer(SFTTrainer):
         val, n = self.val_set, self.run_config["eval"]["gen_eval_samples"]
         idx = np.linspace(0, len(val) - 1, min(n, len(val))).astype(int)
         samples = [val[i] for i in idx]
-        pred, ok = predict(self.accelerator.unwrap_model(self.model), self.data_collator, self.stats,
-                           [s["images"] for s in samples], [s["task"] for s in samples])
+        pred, ok, _ = predict(self.accelerator.unwrap_model(self.model), self.data_collator, self.stats,
+                              [s["images"] for s in samples], [s["task"] for s in samples])
         err = pred - np.stack([val.chunk(i) for i in idx])  # NaN rows where an answer did not parse
         err = err[ok] if ok.any() else err[:1]
         dim_mae = np.abs(err).mean((0, 1))
@@ -569,7 +573,7 @@ class ActionGrammar(LogitsProcessor):
     Table-driven, state per sequence on tensors: a few tensor ops per step, whatever the batch or vocab size."""
 
     def __init__(self, tokenizer, n, max_value):
-        self.n, self.state, self.count = n, None, None
+        self.n, self.done, self.state, self.count = n, max_value + 2, None, None
         self.ids = torch.tensor([single_token_id(tokenizer, c) for c in "0123456789 "] + [
             tokenizer.convert_tokens_to_ids(END_TOKEN)])  # token classes 0-9 digit, 10 space, 11 end, 12 anything else
         # states: 0 = before a number, 1 + v = in a number whose value so far is v, done = max_value + 2
@@ -602,43 +606,120 @@ class ActionGrammar(LogitsProcessor):
         out[:, self.ids] = scores[:, self.ids] + self.bias[self.state, (self.count >= self.n - 1).long()]
         return out
 
+    def state_of(self, text):  # (state, last number?) after an answer's first characters (CLASS_CHARS)
+        part = text[text.rfind(" ") + 1:]
+        return self.done if part.endswith("$") else 1 + int(part) if part else 0, int(text.count(" ") >= self.n - 1)
+
 
 @torch.no_grad()
-def predict(model, collator, stats, images, tasks, static_cache=False):
-    """Batched constrained greedy decoding -> (actions [B, H, D], parsed [B]; NaN rows where unparsed)."""
-    d, tok, b = collator.d, collator.processor.tokenizer, len(tasks)
-    pad = 2 ** math.ceil(math.log2(b)) - b if static_cache else 0  # static: batch 2^k, prompt PROMPT_BUCKET * k
+def speculative_decode(model, inputs, grammar, pad_id, drafts, width):
+    """Greedy decoding under the grammar that also feeds each forward pass the tokens known to come next: forced (the
+    grammar allows one token only: a space after a number that cannot grow, the end after the last one) or drafted
+    (a row's expected answer, e.g. from its previous chunk, followed number by number). A row keeps what it was fed
+    up to the first token its own greedy choice differs from: the answers are plain greedy decoding's, in fewer
+    passes. Rows advance apart: slots a row did not keep stay in the cache masked out, and positions (Qwen's M-RoPE)
+    count kept tokens only. -> (answers, forward passes)"""
+    g, dev, b = grammar, model.device, len(inputs["input_ids"])
+    ids, bias = torch.cat([g.ids, torch.tensor([pad_id])]).to(dev), g.bias.to(dev)  # class 12: an empty slot
+    allowed = g.bias.isfinite()
+    forced = torch.where(allowed.sum(-1) == 1, allowed.int().argmax(-1), -1).tolist()  # [state][last]: class or -1
+    drafts = [d.split() if d else [] for d in drafts]
+
+    def greedy(logits, texts):  # the grammar's greedy choice (a class) after each text: [B, W, V], [B][W] -> [B, W]
+        state, last = torch.tensor([[g.state_of(t) for t in row] for row in texts], device=dev).unbind(-1)
+        return (logits[..., g.ids] + bias[state, last]).argmax(-1)
+
+    def known(text, nums):  # the character sure to come next, or the draft's there, number by number; else ""
+        (state, last), i, part = g.state_of(text), text.count(" "), text[text.rfind(" ") + 1:]
+        if forced[state][last] >= 0:
+            return CLASS_CHARS[forced[state][last]]
+        want = nums[i] + (" " if i < g.n - 1 else "$") if i < len(nums) else ""
+        return want[len(part)] if want.startswith(part) and len(want) > len(part) else ""
+
+    out = model(**inputs, use_cache=True)
+    cache, mask, passes, texts = out.past_key_values, inputs["attention_mask"], 1, [""] * b
+    position = getattr(model, "get_base_model", lambda: model)().model.rope_deltas[:, 0] + mask.sum(1)  # next token's
+    logits = out.logits[:, -1:]
+    while True:
+        choice = greedy(logits, [[t] for t in texts])[:, 0].tolist()
+        nxt = ["" if t.endswith("$") else CLASS_CHARS[c] for t, c in zip(texts, choice)]
+        texts = [t + "$" if c == "$" else t for t, c in zip(texts, nxt)]  # the end token needs no forward pass
+        if all(t.endswith("$") for t in texts):
+            return [t[:-1] for t in texts], passes
+        fed = []
+        for t, c, nums in zip(texts, nxt, drafts):
+            new = "" if c == "$" else c
+            while new and len(new) < width and (c := known(t + new, nums)) not in ("", "$"):
+                new += c
+            fed.append(new)
+        w = max(map(len, fed))
+        slots = torch.tensor([[CLASS_CHARS.index(c) for c in f] + [12] * (w - len(f)) for f in fed], device=dev)
+        out = model(input_ids=ids[slots], attention_mask=torch.cat([mask, torch.ones_like(slots)], 1),
+                    position_ids=(position[:, None] + torch.arange(w, device=dev)).expand(3, -1, -1),
+                    past_key_values=cache, use_cache=True)
+        choice = greedy(out.logits, [[t + f[:j + 1] for j in range(w)] for t, f in zip(texts, fed)])
+        kept = torch.where(slots[:, 0] < 12, 1 + (slots[:, 1:] == choice[:, :-1]).long().cumprod(1).sum(1), 0)
+        top, passes = int(kept.max()), passes + 1
+        if top < w:
+            cache.crop(top - w)  # the slots no row kept
+        mask = torch.cat([mask, (torch.arange(top, device=dev) < kept[:, None]).long()], 1)
+        position, logits = position + kept, out.logits[torch.arange(b), (kept - 1).clamp(min=0)][:, None]
+        texts = [t + f[:k] for t, f, k in zip(texts, fed, kept.tolist())]
+
+
+@torch.no_grad()
+def predict(model, collator, stats, images, tasks, decoder="speculative", drafts=None, width=8):
+    """Batched constrained greedy decoding; drafts: per row the chunk expected (or None), which only saves passes.
+    -> (actions [B, H, D], parsed [B]; NaN rows where unparsed, forward passes)"""
+    d, tok, b, (lo, hi) = collator.d, collator.processor.tokenizer, len(tasks), action_bounds(stats)
+    static = decoder == "static"
+    pad = 2 ** math.ceil(math.log2(b)) - b if static else 0  # static: batch 2^k, prompt PROMPT_BUCKET * k tokens
     samples = [{"images": i, "task": t} for i, t in zip([*images, *images[-1:] * pad], [*tasks, *tasks[-1:] * pad])]
-    inputs = collator.prompts(samples, PROMPT_BUCKET if static_cache else None, model.device).to(model.device)
-    n = d.horizon * len(stats["global"]["lo"])
-    # set every field: generate() fills unset ones from Qwen's generation_config (sampling, repetition penalty 1.05)
-    gen = GenerationConfig(max_new_tokens=TOKENS_PER_NUMBER * n, do_sample=False, num_beams=1, repetition_penalty=1.0,
-                           eos_token_id=collator.end_id, pad_token_id=collator.pad_id,
-                           cache_implementation="static" if static_cache else None)  # static: generate() compiles
-    out = model.generate(**inputs, generation_config=gen, logits_processor=[ActionGrammar(tok, n, d.num_bins)])
-    texts = tok.batch_decode(out[:b, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    actions = [text_to_actions(t, *action_bounds(stats), d.num_bins, d.horizon) for t in texts]
+    inputs = collator.prompts(samples, PROMPT_BUCKET if static else None, model.device).to(model.device)
+    n = d.horizon * len(lo)
+    grammar = ActionGrammar(tok, n, d.num_bins)
+    if decoder == "speculative":
+        drafts = [None if c is None else actions_to_text(c, lo, hi, d.num_bins) for c in drafts or [None] * b]
+        texts, passes = speculative_decode(model, inputs, grammar, collator.pad_id, drafts, width)
+    else:  # set every field: generate() fills unset ones from Qwen's generation_config (sampling, penalty 1.05)
+        gen = GenerationConfig(max_new_tokens=TOKENS_PER_NUMBER * n, do_sample=False, num_beams=1,
+                               repetition_penalty=1.0, eos_token_id=collator.end_id, pad_token_id=collator.pad_id,
+                               cache_implementation="static" if static else None)  # static: generate() compiles
+        out = model.generate(**inputs, generation_config=gen, logits_processor=[grammar])
+        texts = tok.batch_decode(out[:b, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        passes = out.shape[1] - inputs["input_ids"].shape[1]  # the prompt's, then one per new token but the last
+    actions = [text_to_actions(t, lo, hi, d.num_bins, d.horizon) for t in texts]
     ok = np.array([a is not None for a in actions])
-    return np.stack([np.full((d.horizon, n // d.horizon), np.nan) if a is None else a for a in actions]), ok
+    return np.stack([np.full((d.horizon, len(lo)), np.nan) if a is None else a for a in actions]), ok, passes
 
 
 class Policy:
     """A checkpoint dir (full model or LoRA adapter + run config + action stats) as a batched policy."""
 
-    def __init__(self, ckpt, device=None, static_cache=False):
+    def __init__(self, ckpt, device=None, decoder="speculative", decode_width=8):
         model_dir, self.m, self.d, self.stats = load_run_info(ckpt)
-        self.static_cache, device = static_cache, device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.decoder, self.width = decoder, decode_width
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.m.dtype = "float32" if device == "cpu" else self.m.dtype
         self.model, processor = load_model(str(model_dir), self.m, self.d, device)
         self.collator = Collator(processor, self.d, len(self.stats["global"]["lo"]))
-        self.parse_failures = 0
+        self.parse_failures, self.passes = 0, []  # forward passes of each call
 
-    def __call__(self, observations, tasks):
-        """observations: per env a list of camera frames (HWC uint8, dataset orientation) -> [B, H, D] actions."""
+    def __call__(self, observations, tasks, drafts=None):
+        """observations: per env a list of camera frames (HWC uint8, dataset orientation) -> [B, H, D] actions.
+        drafts: per env the chunk expected (see draft), or None; they save forward passes, never change an action."""
         images = [prepare_images(obs[:len(self.d.image_keys)], self.d) for obs in observations]
-        actions, ok = predict(self.model.eval(), self.collator, self.stats, images, tasks, self.static_cache)
+        actions, ok, passes = predict(self.model.eval(), self.collator, self.stats, images, tasks, self.decoder,
+                                      drafts, self.width)
         self.parse_failures += int((~ok).sum())
+        self.passes.append(passes)
         return np.nan_to_num(actions)  # the grammar makes failures impossible; counted above if one slips through
+
+
+def draft(chunk, steps):
+    """The guess for the chunk predicted `steps` steps after `chunk`: its rest, then its last action held (as training
+    pads a chunk at an episode's end). None stays None."""
+    return None if chunk is None else np.concatenate([chunk[steps:], chunk[-1:].repeat(min(steps, len(chunk)), 0)])
 
 
 class Batcher:
@@ -650,12 +731,12 @@ class Batcher:
         self.served, self.since = 0, None  # requests answered; when the first round began
         threading.Thread(target=self.run, daemon=True).start()
 
-    def __call__(self, images, task, lockstep=False):
-        """-> (chunk, seconds the batched call took, its batch size). lockstep: later rounds wait for this thread."""
+    def __call__(self, images, task, draft=None, lockstep=False):
+        """-> (chunk, {model_ms, batch, passes} of the batched call). lockstep: later rounds wait for this thread."""
         future = Future()
         with self.cond:
             self.members |= {threading.get_ident()} if lockstep else set()
-            self.waiting.append((images, task, future))
+            self.waiting.append((images, task, draft, future))
             self.cond.notify()
         return future.result()
 
@@ -669,15 +750,17 @@ class Batcher:
             with self.cond:
                 self.cond.wait_for(lambda: self.waiting and len(self.waiting) >= len(self.members))
                 batch, self.waiting = self.waiting, []
-            start = time.perf_counter()
-            self.since = self.since or time.time()
+            images, tasks, drafts, futures = map(list, zip(*batch))
+            start, self.since = time.perf_counter(), self.since or time.time()
             try:
-                chunks = self.policy([images for images, _, _ in batch], [task for _, task, _ in batch])
+                chunks = self.policy(images, tasks, drafts)
+                timing = {"model_ms": 1e3 * (time.perf_counter() - start), "batch": len(batch),
+                          "passes": self.policy.passes[-1]}
                 self.served += len(batch)
-                for (*_, future), chunk in zip(batch, chunks):
-                    future.set_result((chunk, time.perf_counter() - start, len(batch)))
+                for future, chunk in zip(futures, chunks):
+                    future.set_result((chunk, timing))
             except Exception as err:  # out of memory, say: each request of the round raises it
-                for *_, future in batch:
+                for future in futures:
                     future.set_exception(err)
 
 
@@ -815,7 +898,7 @@ def results_table(results):
 def evaluate_libero(ckpt, e, policy=None):
     """Batched, resumable LIBERO evaluation; one policy call per step for all live envs."""
     import multiprocessing as mp
-    policy = policy or Policy(ckpt, static_cache=e.static_cache)  # first: a bad checkpoint fails before any write
+    policy = policy or Policy(ckpt, None, e.decoder, e.decode_width)  # first: a bad checkpoint fails before writing
     if e.action_horizon > policy.d.horizon:
         raise TinyVLAError(f"action_horizon {e.action_horizon} is longer than the policy's chunks ({policy.d.horizon})")
     assets = setup_libero(e.libero_assets)
@@ -835,14 +918,17 @@ def evaluate_libero(ckpt, e, policy=None):
     pending = deque(ep for ep in all_episodes[e.shard_id::e.num_shards] if episode_key(ep) not in finished)
     ctx, n, todo = mp.get_context("spawn"), min(e.num_envs, len(pending)), len(pending)
     batcher, events = Batcher(policy), queue.SimpleQueue()  # events: (episode, "done" or "error", result or text)
+    calls = len(policy.passes)
 
     def relay(conn, proc):  # a thread per simulator: hands it episodes, passes its observations to the batcher
         try:
             while True:
                 ep = pending.popleft()  # atomic: no episode is taken twice; none left: IndexError ends the thread
                 conn.send(ep)
+                chunk = None
                 while (msg := conn.recv())[0] == "obs":  # lockstep: full policy batches of the envs stepping
-                    conn.send(batcher(msg[1], ep["task"], lockstep=True)[0])
+                    chunk = batcher(msg[1], ep["task"], draft(chunk, e.action_horizon), lockstep=True)[0]
+                    conn.send(chunk)
                 batcher.leave()  # next: a video written, a scene built; the others do not wait for that
                 events.put((ep, *msg))
         except (EOFError, OSError):  # the worker process died (killed, out of memory, a crash in MuJoCo)
@@ -889,7 +975,8 @@ def evaluate_libero(ckpt, e, policy=None):
     print(table)
     print(f"{len(merged)} of {len(all_episodes)} episodes finished, over the {e.num_shards} shard(s) in {out_dir}")
     print(f"{env_steps} env steps, {queries} policy queries in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} "
-          f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}")
+          f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}, "
+          f"{np.mean(policy.passes[calls:] or [0]):.1f} forward passes per policy call ({e.decoder} decoder)")
     return summary
 
 
@@ -925,7 +1012,7 @@ def serve_policy(ckpt, e):
     frame for a bad request. A connection is one episode (ensembled apart); {"reset": true} starts the next."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.server import serve
-    batcher = Batcher(Policy(ckpt, static_cache=e.static_cache))
+    batcher = Batcher(Policy(ckpt, None, e.decoder, e.decode_width))
     d, stats, (lo, hi) = batcher.policy.d, batcher.policy.stats, action_bounds(batcher.policy.stats)
     if len(e.obs_keys) != len(d.image_keys):
         raise TinyVLAError(f"obs_keys {e.obs_keys}: the policy sees {len(d.image_keys)} cameras ({d.image_keys})")
@@ -938,7 +1025,7 @@ def serve_policy(ckpt, e):
             return connection.respond(401, "wrong or missing API key\n")
 
     def session(ws):  # a thread per connection: one episode at a time, ensembled apart; {"reset": true} ends it
-        ensembler, t = ActionEnsembler(e.ensemble_window, e.ensemble_version, e.ensemble_weight), 0
+        ensembler, t, chunk = ActionEnsembler(e.ensemble_window, e.ensemble_version, e.ensemble_weight), 0, None
         with suppress(ConnectionClosed):  # the client left, mid-request too: its answer is dropped, the others go on
             ws.send(msgpack.packb(meta))
             for message in ws:
@@ -946,15 +1033,15 @@ def serve_policy(ckpt, e):
                     obs = msgpack.unpackb(message, object_hook=from_wire)
                     if isinstance(obs, dict) and obs.get("reset"):  # the next episode: ensembled apart
                         ensembler.chunks.clear()
-                        t = 0
+                        t, chunk = 0, None
                         ws.send(msgpack.packb({"reset": True}))
                         continue
                     images, start = request_images(obs, e.obs_keys, d.crop_ratio), time.perf_counter()
-                    chunk, model_s, batch = batcher(images, obs["prompt"])
+                    chunk, timing = batcher(images, obs["prompt"], draft(chunk, 1))  # a request per step, we assume
                     ensembler.add(t, chunk)
-                    timing = {"model_ms": 1e3 * model_s, "wall_ms": 1e3 * (time.perf_counter() - start), "batch": batch}
-                    print(f"{ws.remote_address[0]}:{ws.remote_address[1]} step {t}: model {timing['model_ms']:.0f} ms, "
-                          f"wall {timing['wall_ms']:.0f} ms, batch {batch}", flush=True)
+                    timing = {**timing, "wall_ms": 1e3 * (time.perf_counter() - start)}
+                    print(f"{ws.remote_address[0]}:{ws.remote_address[1]} step {t}: model {timing['model_ms']:.0f} ms "
+                          "({passes} passes, batch {batch}), wall {wall_ms:.0f} ms".format(**timing), flush=True)
                     ws.send(msgpack.packb({"actions": chunk, "action": ensembler.act(t), "server_timing": timing},
                                           default=to_wire))
                     t += 1

@@ -1,7 +1,8 @@
 """Benchmarks (run by hand, not collected by pytest). Prints numbers; asserts nothing.
 
     python tests/bench.py data              # data pipeline: samples/s for one DataLoader worker (CPU)
-    python tests/bench.py generate          # constrained vs free decoding; per-observation time at batch 1/8/32
+    python tests/bench.py generate          # constrained vs free decoding; each decoder's forward passes per chunk
+                                            # and time per observation at batch 1/8/32
     python tests/bench.py train [--real]    # training step: samples/s, tokens/s, peak memory, MFU estimate
     python tests/bench.py serve             # policy server: round trip over a direct Policy call, requests/s with
                                             # 1, 4 and 16 concurrent clients (tiny model, CPU)
@@ -99,7 +100,7 @@ def bench_data(n=300):
         print(line)
 
 
-def bench_generate(real=False, static_batches=(1, 8, 32)):
+def bench_generate(real=False, batches=(1, 8, 32), static_batches=(1, 8, 32)):
     device = "cuda" if real else "cpu"
     mdir = model_dir(real)
     d = tinyvla.DataArgs()
@@ -149,26 +150,24 @@ def bench_generate(real=False, static_batches=(1, 8, 32)):
     for dev in dict.fromkeys(["cpu", device]):  # predict runs the processor on the model's device
         print(f"  processor (chat template + images -> tensors) at batch 32 on {dev}: "
               f"{1e3 * timed(lambda: col.prompts(batch32, device=dev), 3):.1f} ms")
-    calls = []  # forward passes of one chunk: the baseline every faster decoding path is measured against
-    hook = model.register_forward_hook(lambda *a: calls.append(1))
-    tinyvla.predict(model, col, stats, obs(1), tasks(1))
-    hook.remove()
-    print(f"  forward passes for one 8x7 chunk (default path): {len(calls)} (the prompt, then one per new token but "
-          f"the last: {n_tok} new tokens)")
-    print("  full predict (preprocess+generate+parse); static = --static_cache (compiled on GPU; first call compiles)")
-    print("  cache   | batch | first call s | s per call | ms per observation | observations/s")
-    best = 0.0
-    for static in (False, True):
-        for b in static_batches if static else (1, 8, 32) + ((64,) if real else ()):
+    print("  full predict (preprocess + decode + parse). generate: transformers' generate(), a pass per token; static:")
+    print("  that with a static KV cache (compiled on GPU: the first call compiles); speculative: ours, forced tokens")
+    print("  folded into a pass (width 2), and with the exact answer as draft (width 16: the most a draft saves)")
+    print("  decoder     | width | draft | batch | passes | first call s | s per call | ms per obs. | obs./s")
+    best, exact = 0.0, {}
+    paths = [("generate", 1, False), ("static", 1, False), ("speculative", 2, False), ("speculative", 16, True)]
+    for decoder, width, drafted in paths:
+        for b in batches if decoder != "static" else static_batches:
             o, tk = obs(b), tasks(b)
-            call = lambda: tinyvla.predict(model, col, stats, o, tk, static)
+            call = lambda: tinyvla.predict(model, col, stats, o, tk, decoder, exact[b] if drafted else None, width)
             t = time.perf_counter()
-            call()
+            actions, _, passes = call()
             sync()
-            first, t = time.perf_counter() - t, timed(call, 2)
-            label = "static" if static else "dynamic"
-            print(f"  {label:7s} | {b:5d} | {first:12.2f} | {t:10.3f} | {1e3 * t / b:18.1f} | {b / t:14.1f}")
-            best = max(best, b / t)
+            first, t = time.perf_counter() - t, timed(call, 1 if real else 2)
+            exact.setdefault(b, list(actions))
+            print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | {passes:6d} | "
+                  f"{first:12.2f} | {t:10.3f} | {1e3 * t / b:11.1f} | {b / t:6.1f}")
+            best = max(best, b / t) if not drafted else best  # a real draft saves less: not for the projection
     return best
 
 
@@ -378,8 +377,8 @@ def bench_lora_params():
 
 def bench_gpu(real=True):
     """Every GPU figure of the speed issue in one run (aimed at under 8 minutes on an H200): which GPU, training (full
-    FT and LoRA, activation checkpointing off and on, batch 8 and 32, the 24 GB preset), decoding (dynamic and static
-    paths) and the full-eval projection. A section that fails prints why and the next one runs."""
+    FT and LoRA, activation checkpointing off and on, batch 8 and 32, the 24 GB preset), decoding (generate, static
+    and speculative decoders) and the full-eval projection. A section that fails prints why and the next one runs."""
     import transformers
     import trl
     t0, best = time.time(), 0.0
@@ -387,7 +386,8 @@ def bench_gpu(real=True):
     print(f"GPU: {gpu}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
           f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
     for name, run in (("train", lambda: bench_train(real, batches=(8, 32) if real else None, preset=True)),
-                      ("generate", lambda: bench_generate(real, static_batches=(1, 32) if real else (1,)))):
+                      ("generate", lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8),
+                                                          (1, 32) if real else (1,)))):
         try:
             best = run() or best
         except Exception as err:  # one section failing must not cost the others their device time
@@ -403,6 +403,7 @@ def bench_gpu(real=True):
 
 if __name__ == "__main__":
     what, real = sys.argv[1], "--real" in sys.argv
-    {"data": bench_data, "generate": lambda: bench_generate(real), "train": lambda: bench_train(real),
+    {"data": bench_data, "generate": lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8, 32)),
+     "train": lambda: bench_train(real),
      "libero": bench_libero, "serve": bench_serve, "sim": bench_sim, "lora_params": bench_lora_params,
      "gpu": lambda: bench_gpu("--cpu" not in sys.argv)}[what]()

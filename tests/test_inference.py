@@ -1,4 +1,6 @@
 """Constrained decoding, the batched policy, action ensembling and generation metrics."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -172,7 +174,7 @@ def test_generate_is_plain_constrained_greedy(policy):
     text = col.processor.tokenizer.decode(generated, skip_special_tokens=True)
     lo, hi = tinyvla.action_bounds(policy.stats)
     manual = tinyvla.text_to_actions(text, lo, hi, 1000, 8)
-    pred, ok = tinyvla.predict(model, col, policy.stats, obs, [tiny.TASKS[0]])
+    pred, ok, _ = tinyvla.predict(model, col, policy.stats, obs, [tiny.TASKS[0]])
     assert ok.all() and np.allclose(pred[0], manual)
 
 
@@ -187,29 +189,63 @@ def test_generation_metrics_logged(trained_run):
     assert (out / "best" / tinyvla.ACTION_STATS).exists() and (out / "checkpoint-2" / tinyvla.RUN_CONFIG).exists()
 
 
-def test_static_cache_decodes_the_same_actions(tiny_model):
-    """--static_cache pads the batch to a power of two and the prompt to PROMPT_BUCKET tokens, and generates with a
-    static KV cache: the actions must be the default path's, row for row."""
+@pytest.fixture(scope="module")
+def noisy(tiny_model):
+    """The tiny model with large random weights, so that each row decodes differently (numbers of 1 to 4 digits): a
+    mix-up of rows, positions or cache slots shows. -> (model, collator, stats, 5 observations' images, tasks)"""
     import tiny
     d = tinyvla.DataArgs()
     model, processor = tinyvla.load_model(str(tiny_model), tinyvla.ModelArgs(dtype="float32"), d, "cpu")
     torch.manual_seed(0)
-    with torch.no_grad():  # large random weights: each row decodes differently, so a row mix-up would show
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)
+    stats = {"global": {"lo": [0.0] * 7, "hi": [1.0] * 7}}
+    images = [tinyvla.prepare_images(o, d) for o in observations(5, seed=5)]
+    return model.eval(), tinyvla.Collator(processor, d, 7), stats, images, [tiny.TASKS[i % 4] for i in range(5)]
+
+
+def test_static_cache_decodes_the_same_actions(noisy):
+    """--decoder static pads the batch to a power of two and the prompt to PROMPT_BUCKET tokens, and generates with
+    a static KV cache: the actions must be the generate path's, row for row."""
+    model, col, stats, obs, tasks = noisy
     calls, generate = [], model.generate
     model.generate = lambda **kw: calls.append(kw) or generate(**kw)
-    col, stats = tinyvla.Collator(processor, d, 7), {"global": {"lo": [0.0] * 7, "hi": [1.0] * 7}}
-    obs = [tinyvla.prepare_images(o, d) for o in observations(3, seed=5)]
-    plain, _ = tinyvla.predict(model.eval(), col, stats, obs, tiny.TASKS[:3])
-    static, ok = tinyvla.predict(model, col, stats, obs, tiny.TASKS[:3], static_cache=True)
+    try:
+        plain, _, _ = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "generate")
+        static, ok, _ = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "static")
+    finally:
+        del model.generate
     assert len({tuple(row) for row in plain.reshape(3, -1)}) == 3
     assert ok.all() and static.shape == (3, 8, 7) and np.array_equal(plain, static)
     ids = calls[-1]["input_ids"]
     assert ids.shape[0] == 4 and ids.shape[1] % tinyvla.PROMPT_BUCKET == 0
     assert calls[-1]["generation_config"].cache_implementation == "static"
     assert calls[0]["generation_config"].cache_implementation is None and calls[0]["input_ids"].shape[0] == 3
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_speculative_decoding_is_plain_greedy_in_fewer_passes(noisy, batch):
+    """The speculative decoder returns generate()'s greedy actions whatever it is fed: one token per pass (width 1),
+    the grammar's forced tokens folded in, an exact draft, the previous-chunk guess, a wrong draft; and it saves the
+    forward passes it should. Printed: the passes per chunk of each path (pytest -s)."""
+    model, col, stats, obs, tasks = noisy
+    obs, tasks = obs[:batch], tasks[:batch]
+    plain, _, generate_passes = tinyvla.predict(model, col, stats, obs, tasks, "generate")
+    runs = {"width 1": (1, None), "forced tokens, width 2": (2, None), "forced tokens, width 8": (8, None),
+            "exact draft": (16, list(plain)), "previous-chunk draft": (16, [tinyvla.draft(c, 1) for c in plain]),
+            "wrong draft": (16, [1 - c for c in plain])}
+    passes = {"generate": generate_passes}
+    for name, (width, drafts) in runs.items():
+        actions, ok, passes[name] = tinyvla.predict(model, col, stats, obs, tasks, "speculative", drafts, width)
+        assert ok.all() and np.array_equal(actions, plain), name
+    print(f"forward passes per chunk at batch {batch}:", passes)
+    assert passes["width 1"] == generate_passes  # the prompt, then one per token but the end
+    # 56 numbers: every one that cannot grow (here most: 3 digits over 100, or 0) saves its separator's pass
+    assert passes["forced tokens, width 2"] == passes["forced tokens, width 8"] < 0.85 * generate_passes
+    assert passes["exact draft"] <= 1 + math.ceil(8 * 7 * tinyvla.TOKENS_PER_NUMBER / 16) + 1
+    assert passes["wrong draft"] <= passes["forced tokens, width 8"]
 
 
 def reference_run(root, model, stats):

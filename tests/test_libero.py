@@ -1,6 +1,7 @@
 """The real LIBERO simulator on CPU (EGL): batched eval with the tiny policy, results, videos, resume."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ def test_eval_writes_results_table_videos_and_skips_finished(trained_run, tmp_pa
     assert "| libero_object | 0: pick up the alphabet soup" in table and "0.0%" in table
     assert json.loads((out / "results.json").read_text())["per_suite"] == {"libero_object": 0.0}
     assert "8 env steps, 8 policy queries in" in r.stdout and "policy queries/s" in r.stdout
+    assert re.search(r"[\d.]+ forward passes per policy call \(speculative decoder\)", r.stdout)
     # the same command again: nothing left to run, nothing counted twice
     r = subprocess.run(eval_cmd(trained_run[0] / "final", out), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -91,6 +91,8 @@ policy = client()
 out["meta"] = policy.get_server_metadata()
 reply = policy.infer(good(0))
 out["actions"], out["timing"], out["dtype"] = reply["actions"], reply["server_timing"], str(reply["actions"].dtype)
+again = policy.infer(good(0))  # decoded with the first chunk, one step on, as its draft
+out["again"], out["timing_again"] = again["actions"], again["server_timing"]
 """, obs)
     meta, (lo, hi) = out["meta"], tinyvla.action_bounds(policy.stats)
     assert meta["image_keys"] == ["observation/image", "observation/wrist_image"] and meta["prompt_key"] == "prompt"
@@ -100,7 +102,9 @@ out["actions"], out["timing"], out["dtype"] = reply["actions"], reply["server_ti
     expected = policy(obs, [tiny.TASKS[0]])[0]
     assert out["dtype"] == "float64" and np.allclose(out["actions"], expected, atol=1e-6)
     assert out["timing"]["batch"] == 1 and 0 < out["timing"]["model_ms"] <= out["timing"]["wall_ms"]
-    assert any(re.search(r"model \d+ ms, wall \d+ ms, batch 1", line) for line in log)  # the server's log
+    assert np.allclose(out["again"], expected, atol=1e-6)  # a draft never changes the chunk, it saves passes
+    assert 1 <= out["timing_again"]["passes"] < out["timing"]["passes"] <= 8 * 7 * tinyvla.TOKENS_PER_NUMBER
+    assert any(re.search(r"model \d+ ms \(\d+ passes, batch 1\), wall \d+ ms", line) for line in log)  # its log
 
 
 def test_server_side_ensembling_per_connection(server, policy, openpi_python, tmp_path):
