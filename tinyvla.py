@@ -613,17 +613,14 @@ class ActionGrammar(LogitsProcessor):
 
 @torch.no_grad()
 def speculative_decode(model, inputs, grammar, pad_id, drafts, width):
-    """Greedy decoding under the grammar that also feeds each forward pass the tokens known to come next: forced (the
-    grammar allows one token only: a space after a number that cannot grow, the end after the last one) or drafted
-    (a row's expected answer, e.g. from its previous chunk, followed number by number). A row keeps what it was fed
-    up to the first token its own greedy choice differs from: the answers are plain greedy decoding's, in fewer
-    passes. Rows advance apart: slots a row did not keep stay in the cache masked out, and positions (Qwen's M-RoPE)
-    count kept tokens only. -> (answers, forward passes)"""
+    """Greedy decoding under the grammar, each pass also fed the tokens known to come next: forced (the only one the
+    grammar allows) or drafted (drafts: per row its expected answer's numbers, followed number by number). A row keeps
+    them up to the first its own greedy choice differs from: plain greedy's answers in fewer passes. Slots a row did
+    not keep stay in the cache masked out; positions (Qwen's M-RoPE) count kept tokens. -> (answers, passes)"""
     g, dev, b = grammar, model.device, len(inputs["input_ids"])
     ids, bias = torch.cat([g.ids, torch.tensor([pad_id])]).to(dev), g.bias.to(dev)  # class 12: an empty slot
     allowed = g.bias.isfinite()
     forced = torch.where(allowed.sum(-1) == 1, allowed.int().argmax(-1), -1).tolist()  # [state][last]: class or -1
-    drafts = [d.split() if d else [] for d in drafts]
 
     def greedy(logits, texts):  # the grammar's greedy choice (a class) after each text: [B, W, V], [B][W] -> [B, W]
         state, last = torch.tensor([[g.state_of(t) for t in row] for row in texts], device=dev).unbind(-1)
@@ -639,9 +636,8 @@ def speculative_decode(model, inputs, grammar, pad_id, drafts, width):
     out = model(**inputs, use_cache=True)
     cache, mask, passes, texts = out.past_key_values, inputs["attention_mask"], 1, [""] * b
     position = getattr(model, "get_base_model", lambda: model)().model.rope_deltas[:, 0] + mask.sum(1)  # next token's
-    logits = out.logits[:, -1:]
+    choice = greedy(out.logits[:, -1:], [[""]] * b)[:, 0].tolist()  # each row's next class
     while True:
-        choice = greedy(logits, [[t] for t in texts])[:, 0].tolist()
         nxt = ["" if t.endswith("$") else CLASS_CHARS[c] for t, c in zip(texts, choice)]
         texts = [t + "$" if c == "$" else t for t, c in zip(texts, nxt)]  # the end token needs no forward pass
         if all(t.endswith("$") for t in texts):
@@ -657,13 +653,13 @@ def speculative_decode(model, inputs, grammar, pad_id, drafts, width):
         out = model(input_ids=ids[slots], attention_mask=torch.cat([mask, torch.ones_like(slots)], 1),
                     position_ids=(position[:, None] + torch.arange(w, device=dev)).expand(3, -1, -1),
                     past_key_values=cache, use_cache=True)
-        choice = greedy(out.logits, [[t + f[:j + 1] for j in range(w)] for t, f in zip(texts, fed)])
-        kept = torch.where(slots[:, 0] < 12, 1 + (slots[:, 1:] == choice[:, :-1]).long().cumprod(1).sum(1), 0)
+        greedy_after = greedy(out.logits, [[t + f[:j + 1] for j in range(w)] for t, f in zip(texts, fed)])
+        kept = torch.where(slots[:, 0] < 12, 1 + (slots[:, 1:] == greedy_after[:, :-1]).long().cumprod(1).sum(1), 0)
         top, passes = int(kept.max()), passes + 1
         if top < w:
             cache.crop(top - w)  # the slots no row kept
         mask = torch.cat([mask, (torch.arange(top, device=dev) < kept[:, None]).long()], 1)
-        position, logits = position + kept, out.logits[torch.arange(b), (kept - 1).clamp(min=0)][:, None]
+        position, choice = position + kept, greedy_after[torch.arange(b), (kept - 1).clamp(min=0)].tolist()
         texts = [t + f[:k] for t, f, k in zip(texts, fed, kept.tolist())]
 
 
@@ -679,7 +675,7 @@ def predict(model, collator, stats, images, tasks, decoder="speculative", drafts
     n = d.horizon * len(lo)
     grammar = ActionGrammar(tok, n, d.num_bins)
     if decoder == "speculative":
-        drafts = [None if c is None else actions_to_text(c, lo, hi, d.num_bins) for c in drafts or [None] * b]
+        drafts = [[] if c is None else actions_to_text(c, lo, hi, d.num_bins).split() for c in drafts or [None] * b]
         texts, passes = speculative_decode(model, inputs, grammar, collator.pad_id, drafts, width)
     else:  # set every field: generate() fills unset ones from Qwen's generation_config (sampling, penalty 1.05)
         gen = GenerationConfig(max_new_tokens=TOKENS_PER_NUMBER * n, do_sample=False, num_beams=1,
@@ -948,8 +944,8 @@ def evaluate_libero(ckpt, e, policy=None):
         proc.start()
         end.close()  # the worker's end lives in the worker now: its death reads as EOF here, not as a hang
         threading.Thread(target=relay, args=(conn, proc), daemon=True).start()
-    bar, env_steps = tqdm(total=todo, desc=f"LIBERO {e.suite}", unit="ep"), 0
-    for _ in range(todo):
+    env_steps = 0
+    for _ in (bar := tqdm(range(todo), desc=f"LIBERO {e.suite}", unit="ep")):  # closes itself at the end
         ep, kind, payload = events.get()
         if kind == "raise":
             raise payload
@@ -960,9 +956,7 @@ def evaluate_libero(ckpt, e, policy=None):
             f.write(json.dumps(payload) + "\n")
         results.append(payload)
         env_steps += payload["steps"]
-        bar.update(1)
         bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.0%}")
-    bar.close()
     for proc in procs:
         proc.join(timeout=30)  # each worker has read EOF: it closes its simulator and exits
     elapsed, queries = time.time() - (batcher.since or time.time()), batcher.served
