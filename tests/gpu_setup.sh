@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run HERE, before `python tests/bench.py gpu` goes to a bare GPU host through the device tool (no network there).
-# It puts the wheels such a host lacks into .whl/ (TinyVLA's own TRL and datasets versions, PyAV, websockets) and
+# It puts the wheels such a host lacks into .whl/ (TinyVLA's own TRL and datasets versions, PyAV, websockets, and
+# liger-kernel for bench.py's fused linear + cross-entropy training variant; it needs the host's triton) and
 # the real Qwen2.5-VL-3B config and LIBERO metadata into .assets/, both ignored by git and carried by the call (about 48 MB).
 # The device call then carries [".whl", ".assets"] and runs:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
@@ -14,6 +15,6 @@ rm -rf .whl .assets
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   "trl==$(version trl)" "datasets==$(version datasets)" "dill==$(version dill)" "multiprocess==$(version multiprocess)" av \
-  websockets  # --serve on the GPU host (it has msgpack)
+  websockets liger-kernel  # --serve on the GPU host (it has msgpack)
 cp -r ../shared/assets .assets
 du -sh .whl .assets
