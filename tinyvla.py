@@ -699,7 +699,7 @@ class Policy:
         self.m.dtype = "float32" if device == "cpu" else self.m.dtype
         self.model, processor = load_model(str(model_dir), self.m, self.d, device)
         self.collator = Collator(processor, self.d, len(self.stats["global"]["lo"]))
-        self.parse_failures, self.passes = 0, []  # forward passes of each call
+        self.parse_failures, self.calls, self.passes = 0, 0, 0  # running totals (a server runs for weeks)
 
     def __call__(self, observations, tasks, drafts=None):
         """observations: per env a list of camera frames (HWC uint8, dataset orientation) -> [B, H, D] actions.
@@ -708,7 +708,7 @@ class Policy:
         actions, ok, passes = predict(self.model.eval(), self.collator, self.stats, images, tasks, self.decoder,
                                       drafts, self.width)
         self.parse_failures += int((~ok).sum())
-        self.passes.append(passes)
+        self.calls, self.passes, self.last_passes = self.calls + 1, self.passes + passes, passes
         return np.nan_to_num(actions)  # the grammar makes failures impossible; counted above if one slips through
 
 
@@ -751,7 +751,7 @@ class Batcher:
             try:
                 chunks = self.policy(images, tasks, drafts)
                 timing = {"model_ms": 1e3 * (time.perf_counter() - start), "batch": len(batch),
-                          "passes": self.policy.passes[-1]}
+                          "passes": self.policy.last_passes}
                 self.served += len(batch)
                 for future, chunk in zip(futures, chunks):
                     future.set_result((chunk, timing))
@@ -914,7 +914,7 @@ def evaluate_libero(ckpt, e, policy=None):
     pending = deque(ep for ep in all_episodes[e.shard_id::e.num_shards] if episode_key(ep) not in finished)
     ctx, n, todo = mp.get_context("spawn"), min(e.num_envs, len(pending)), len(pending)
     batcher, events = Batcher(policy), queue.SimpleQueue()  # events: (episode, "done" or "error", result or text)
-    calls = len(policy.passes)
+    calls, passes = policy.calls, policy.passes
 
     def relay(conn, proc):  # a thread per simulator: hands it episodes, passes its observations to the batcher
         try:
@@ -970,7 +970,8 @@ def evaluate_libero(ckpt, e, policy=None):
     print(f"{len(merged)} of {len(all_episodes)} episodes finished, over the {e.num_shards} shard(s) in {out_dir}")
     print(f"{env_steps} env steps, {queries} policy queries in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} "
           f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}, "
-          f"{np.mean(policy.passes[calls:] or [0]):.1f} forward passes per policy call ({e.decoder} decoder)")
+          f"{(policy.passes - passes) / max(policy.calls - calls, 1):.1f} forward passes per policy call "
+          f"({e.decoder} decoder)")
     return summary
 
 
