@@ -708,7 +708,7 @@ class Policy:
         actions, ok, passes = predict(self.model.eval(), self.collator, self.stats, images, tasks, self.decoder,
                                       drafts, self.width)
         self.parse_failures += int((~ok).sum())
-        self.calls, self.passes, self.last_passes = self.calls + 1, self.passes + passes, passes
+        self.calls, self.passes = self.calls + 1, self.passes + passes
         return np.nan_to_num(actions)  # the grammar makes failures impossible; counted above if one slips through
 
 
@@ -747,11 +747,11 @@ class Batcher:
                 self.cond.wait_for(lambda: self.waiting and len(self.waiting) >= len(self.members))
                 batch, self.waiting = self.waiting, []
             images, tasks, drafts, futures = map(list, zip(*batch))
-            start, self.since = time.perf_counter(), self.since or time.time()
+            start, self.since, passes = time.perf_counter(), self.since or time.time(), self.policy.passes
             try:
                 chunks = self.policy(images, tasks, drafts)
                 timing = {"model_ms": 1e3 * (time.perf_counter() - start), "batch": len(batch),
-                          "passes": self.policy.last_passes}
+                          "passes": self.policy.passes - passes}
                 self.served += len(batch)
                 for future, chunk in zip(futures, chunks):
                     future.set_result((chunk, timing))
