@@ -343,7 +343,7 @@ def video_frame(path, t, fps):
     if frame is None or abs(frame.time * fps - want) > 0.5:
         raise TinyVLAError(f"{path} has no frame at {want / fps:.3f}s (frame {want}" + (
             f", the next is at {frame.time:.3f}s" if frame else "") + "): it does not match the dataset's timestamps")
-    return frame.to_ndarray(format="rgb24")
+    return frame.to_ndarray(format="rgb24", threads=1)  # nor scaler threads (PyAV 19: one per core by default)
 
 
 def action_bounds(stats):  # per action dimension, over the train split
