@@ -176,8 +176,11 @@ def bench_train(real=False, steps=5, batches=None, preset=False):
     mdir = model_dir(real)
     data = tiny.make_dataset(TMP / "data", episodes=6, length=(60, 60), size=256)
     print(f"{'real Qwen2.5-VL-3B, bf16, ' + device if real else 'tiny model, fp32, CPU (ratios only)'}")
-    variants = [("full", []), ("full+ckpt", ["--activation_checkpointing", "true"]), ("LoRA", ["--use_lora", "true"]),
-                ("LoRA+ckpt", ["--use_lora", "true", "--activation_checkpointing", "true"])]
+    from trl import SFTConfig
+    ckpt = "--activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else \
+        "--gradient_checkpointing"  # transformers < 5.23 (the GPU host has 5.17) knows only the old name
+    variants = [("full", []), ("full+ckpt", [ckpt, "true"]), ("LoRA", ["--use_lora", "true"]),
+                ("LoRA+ckpt", ["--use_lora", "true", ckpt, "true"])]
     if real and find_spec("flash_attn"):
         variants.append(("full+flash", ["--attn_implementation", "flash_attention_2"]))
     if find_spec("liger_kernel"):
