@@ -39,7 +39,8 @@ import torch
 import yaml
 from peft import LoraConfig
 from tqdm import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor
+from transformers import (AutoModelForImageTextToText, AutoProcessor, CompileConfig, GenerationConfig, LogitsProcessor,
+                          StaticCache)
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 # ----------------------------------------------------------------------------- config
@@ -140,9 +141,9 @@ class EvalArgs(Checked):
     ensemble_version: Literal[1, 2] = arg(1, "VLA-0's 1: newest chunk 1, older ones ensemble_weight; 2: weight**age.")
     ensemble_weight: float = arg(0.5, "See ensemble_version; 1: a plain average.", "(0, 1]")
     decoder: Literal["speculative", "generate", "static"] = arg(
-        "speculative", "speculative: ours, the tokens known to come next decoded in the same forward pass; generate: "
-        "transformers' generate(), a pass per token; static: that with a static KV cache, compiled on GPU.")
-    decode_width: int = arg(8, "speculative: tokens one forward pass may decode.", "[1, inf)")
+        "speculative", "speculative: ours, the tokens known to come next decoded in the same forward pass; static: "
+        "that in fixed shapes, compiled on a GPU (CUDA graphs); generate: transformers' generate(), a pass per token.")
+    decode_width: int = arg(8, "Tokens one forward pass may decode (static: every pass this wide).", "[1, inf)")
     save_video: bool = arg(True, "Write an mp4 per episode.")
     libero_assets: str = arg("", "Local LIBERO assets dir (or $LIBERO_ASSETS).")
     eval_dir: str = arg("", "Results dir (default: <checkpoint>/libero_eval).")
@@ -612,12 +613,14 @@ class ActionGrammar(LogitsProcessor):
 
 
 @torch.no_grad()
-def speculative_decode(model, inputs, grammar, pad_id, drafts, width):
+def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=False):
     """Greedy decoding under the grammar, each pass also fed the tokens known to come next: forced (the only one the
     grammar allows) or drafted (drafts: per row its expected answer's numbers, followed number by number). A row keeps
     them up to the first its own greedy choice differs from: plain greedy's answers in fewer passes. Slots a row did
-    not keep stay in the cache masked out; positions (Qwen's M-RoPE) count kept tokens. -> (answers, passes)"""
-    g, dev, b = grammar, model.device, len(inputs["input_ids"])
+    not keep stay in the cache masked out; positions (Qwen's M-RoPE) count kept tokens. static: every pass the same
+    shapes (width slots, a static KV cache of room for a pass per answer token), compiled (CUDA graphs) on a GPU.
+    -> (answers, passes)"""
+    g, dev, (b, n) = grammar, model.device, inputs["input_ids"].shape
     ids, bias = torch.cat([g.ids, torch.tensor([pad_id])]).to(dev), g.bias.to(dev)  # class 12: an empty slot
     allowed = g.bias.isfinite()
     forced = torch.where(allowed.sum(-1) == 1, allowed.int().argmax(-1), -1).tolist()  # [state][last]: class or -1
@@ -633,7 +636,10 @@ def speculative_decode(model, inputs, grammar, pad_id, drafts, width):
         want = nums[i] + (" " if i < g.n - 1 else "$") if i < len(nums) else ""
         return want[len(part)] if want.startswith(part) and len(want) > len(part) else ""
 
-    out = model(**inputs, use_cache=True)
+    size = n + (TOKENS_PER_NUMBER * g.n + 1) * width  # static: a pass writes width slots, kept or not
+    out = model(**inputs, past_key_values=StaticCache(config=model.config, max_cache_len=size) if static else None,
+                use_cache=True)
+    step = model.get_compiled_call(CompileConfig()) if static and dev.type == "cuda" else model  # prefill: eager
     cache, mask, passes, texts = out.past_key_values, inputs["attention_mask"], 1, [""] * b
     position = getattr(model, "get_base_model", lambda: model)().model.rope_deltas[:, 0] + mask.sum(1)  # next token's
     choice = greedy(out.logits[:, -1:], [[""]] * b)[:, 0].tolist()  # each row's next class
@@ -648,17 +654,19 @@ def speculative_decode(model, inputs, grammar, pad_id, drafts, width):
             while new and len(new) < width and (c := known(t + new, nums)) not in ("", "$"):
                 new += c
             fed.append(new)
-        w = max(map(len, fed))
+        w = width if static else max(map(len, fed))
         slots = torch.tensor([[CLASS_CHARS.index(c) for c in f] + [12] * (w - len(f)) for f in fed], device=dev)
-        out = model(input_ids=ids[slots], attention_mask=torch.cat([mask, torch.ones_like(slots)], 1),
-                    position_ids=(position[:, None] + torch.arange(w, device=dev)).expand(3, -1, -1),
-                    past_key_values=cache, use_cache=True)
+        seen = torch.cat([mask, torch.ones_like(slots)], 1)
+        seen = torch.nn.functional.pad(seen, (0, size - seen.shape[1])) if static else seen  # static: one shape
+        out = step(input_ids=ids[slots], attention_mask=seen,
+                   position_ids=(position[:, None] + torch.arange(w, device=dev)).expand(3, -1, -1),
+                   past_key_values=cache, use_cache=True)
         greedy_after = greedy(out.logits, [[t + f[:j + 1] for j in range(w)] for t, f in zip(texts, fed)])
         kept = torch.where(slots[:, 0] < 12, 1 + (slots[:, 1:] == greedy_after[:, :-1]).long().cumprod(1).sum(1), 0)
         top, passes = int(kept.max()), passes + 1
-        if top < w:
+        if top < w and not static:
             cache.crop(top - w)  # the slots no row kept
-        mask = torch.cat([mask, (torch.arange(top, device=dev) < kept[:, None]).long()], 1)
+        mask = torch.cat([mask, (torch.arange(w if static else top, device=dev) < kept[:, None]).long()], 1)
         position, choice = position + kept, greedy_after[torch.arange(b), (kept - 1).clamp(min=0)].tolist()
         texts = [t + f[:k] for t, f, k in zip(texts, fed, kept.tolist())]
 
@@ -674,17 +682,17 @@ def predict(model, collator, stats, images, tasks, decoder="speculative", drafts
     inputs = collator.prompts(samples, PROMPT_BUCKET if static else None, model.device).to(model.device)
     n = d.horizon * len(lo)
     grammar = ActionGrammar(tok, n, d.num_bins)
-    if decoder == "speculative":
+    if decoder != "generate":
         drafts = [[] if c is None else actions_to_text(c, lo, hi, d.num_bins).split() for c in drafts or [None] * b]
-        texts, passes = speculative_decode(model, inputs, grammar, collator.pad_id, drafts, width)
+        texts, passes = speculative_decode(model, inputs, grammar, collator.pad_id, [*drafts, *drafts[-1:] * pad],
+                                           width, static)
     else:  # set every field: generate() fills unset ones from Qwen's generation_config (sampling, penalty 1.05)
         gen = GenerationConfig(max_new_tokens=TOKENS_PER_NUMBER * n, do_sample=False, num_beams=1,
-                               repetition_penalty=1.0, eos_token_id=collator.end_id, pad_token_id=collator.pad_id,
-                               cache_implementation="static" if static else None)  # static: generate() compiles
+                               repetition_penalty=1.0, eos_token_id=collator.end_id, pad_token_id=collator.pad_id)
         out = model.generate(**inputs, generation_config=gen, logits_processor=[grammar])
-        texts = tok.batch_decode(out[:b, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         passes = out.shape[1] - inputs["input_ids"].shape[1]  # the prompt's, then one per new token but the last
-    actions = [text_to_actions(t, lo, hi, d.num_bins, d.horizon) for t in texts]
+    actions = [text_to_actions(t, lo, hi, d.num_bins, d.horizon) for t in texts[:b]]
     ok = np.array([a is not None for a in actions])
     return np.stack([np.full((d.horizon, len(lo)), np.nan) if a is None else a for a in actions]), ok, passes
 

@@ -206,23 +206,27 @@ def noisy(tiny_model):
     return model.eval(), tinyvla.Collator(processor, d, 7), stats, images, [tiny.TASKS[i % 4] for i in range(5)]
 
 
-def test_static_cache_decodes_the_same_actions(noisy):
-    """--decoder static pads the batch to a power of two and the prompt to PROMPT_BUCKET tokens, and generates with
-    a static KV cache: the actions must be the generate path's, row for row."""
+def test_static_decoder_is_plain_greedy_in_fixed_shapes(noisy):
+    """--decoder static: the speculative loop over a static KV cache, the batch padded to a power of two, the prompt to
+    PROMPT_BUCKET tokens and every pass decode_width slots wide, so that a GPU compiles (CUDA graphs) each shape once:
+    generate's actions, row for row, with or without a draft, in the speculative decoder's forward passes."""
     model, col, stats, obs, tasks = noisy
-    calls, generate = [], model.generate
-    model.generate = lambda **kw: calls.append(kw) or generate(**kw)
-    try:
-        plain, _, _ = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "generate")
-        static, ok, _ = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "static")
-    finally:
-        del model.generate
+    plain, _, _ = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "generate")
     assert len({tuple(row) for row in plain.reshape(3, -1)}) == 3
-    assert ok.all() and static.shape == (3, 8, 7) and np.array_equal(plain, static)
-    ids = calls[-1]["input_ids"]
-    assert ids.shape[0] == 4 and ids.shape[1] % tinyvla.PROMPT_BUCKET == 0
-    assert calls[-1]["generation_config"].cache_implementation == "static"
-    assert calls[0]["generation_config"].cache_implementation is None and calls[0]["input_ids"].shape[0] == 3
+    for width, drafts in ((2, None), (8, [tinyvla.draft(c, 1) for c in plain])):
+        _, _, passes = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "speculative", drafts, width)
+        shapes = []  # per forward pass: (input_ids shape, attention_mask shape, cache type)
+        hook = model.register_forward_pre_hook(lambda _, args, kw: shapes.append((
+            *kw["input_ids"].shape, kw["attention_mask"].shape[1], type(kw["past_key_values"]).__name__)),
+            with_kwargs=True)
+        try:
+            static, ok, static_passes = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "static", drafts, width)
+        finally:
+            hook.remove()
+        assert ok.all() and np.array_equal(plain, static) and static_passes == passes == len(shapes)
+        (batch, prompt, _, cache), steps = shapes[0], set(shapes[1:])
+        assert batch == 4 and prompt % tinyvla.PROMPT_BUCKET == 0 and cache == "StaticCache"
+        assert len(steps) == 1 and next(iter(steps))[:2] == (4, width)  # one shape: compiled once
 
 
 @pytest.mark.parametrize("batch", [1, 5])
