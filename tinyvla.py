@@ -612,6 +612,11 @@ class ActionGrammar(LogitsProcessor):
         return self.done if part.endswith("$") else 1 + int(part) if part else 0, int(text.count(" ") >= self.n - 1)
 
 
+@lru_cache(maxsize=8)  # one per model and shape (a cache takes its batch size from its first use), reused
+def static_cache(model, batch, size):
+    return StaticCache(config=model.config, max_cache_len=size)
+
+
 @torch.no_grad()
 def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=False):
     """Greedy decoding under the grammar, each pass also fed the tokens known to come next: forced (the only one the
@@ -637,8 +642,9 @@ def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=Fal
         return want[len(part)] if want.startswith(part) and len(want) > len(part) else ""
 
     size = n + (TOKENS_PER_NUMBER * g.n + 1) * width  # static: a pass writes width slots, kept or not
-    out = model(**inputs, past_key_values=StaticCache(config=model.config, max_cache_len=size) if static else None,
-                use_cache=True)
+    if static:  # reused, emptied: CUDA graphs replay on the tensors they recorded (new ones would record anew)
+        (cache := static_cache(model, b, size)).reset()
+    out = model(**inputs, past_key_values=cache if static else None, use_cache=True)
     step = model.get_compiled_call(CompileConfig()) if static and dev.type == "cuda" else model  # prefill: eager
     cache, mask, passes, texts = out.past_key_values, inputs["attention_mask"], 1, [""] * b
     position = getattr(model, "get_base_model", lambda: model)().model.rope_deltas[:, 0] + mask.sum(1)  # next token's

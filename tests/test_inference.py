@@ -227,6 +227,9 @@ def test_static_decoder_is_plain_greedy_in_fixed_shapes(noisy):
         (batch, prompt, _, cache), steps = shapes[0], set(shapes[1:])
         assert batch == 4 and prompt % tinyvla.PROMPT_BUCKET == 0 and cache == "StaticCache"
         assert len(steps) == 1 and next(iter(steps))[:2] == (4, width)  # one shape: compiled once
+        hits = tinyvla.static_cache.cache_info().hits
+        again, _, _ = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "static", drafts, width)
+        assert np.array_equal(again, plain) and tinyvla.static_cache.cache_info().hits == hits + 1  # reused, emptied
 
 
 @pytest.mark.parametrize("batch", [1, 5])
