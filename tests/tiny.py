@@ -6,6 +6,7 @@ small LIBERO-like datasets in the LeRobot v2.1 and v3.0 layouts.
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -117,9 +118,10 @@ def read_frame_index(img):
 def write_video(path, frames, fps, codec):
     """Encode HWC uint8 frames as lerobot does (yuv420p, a keyframe every 2 frames for AV1), timestamps i / fps."""
     import av
+    os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder prints its settings (20 lines per file) unless told so
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        options = {"g": "2", "crf": "30", "preset": "11", "svtav1-params": "log-level=0"} if codec == "av1" else {
+        options = {"g": "2", "crf": "30", "preset": "11"} if codec == "av1" else {
             "g": "12", "crf": "23"}  # h264: a longer group of pictures, so a seek decodes forward to the frame
         stream = container.add_stream("libsvtav1" if codec == "av1" else "h264", rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
