@@ -169,15 +169,18 @@ def parse_args(argv=None):
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
         gradient_checkpointing=None,  # TRL's True set a name transformers deprecates (a warning); off unless asked
         bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())  # so CPU-only machines just work
-    mode = next((flag for flag in ("--eval", "--serve") if flag in argv[:-1]), None)
-    saved = Path(argv[argv.index(mode) + 1], RUN_CONFIG) if mode else None
-    if saved and saved.exists():  # the checkpoint's eval settings become the defaults; yaml and flags still win
+
+    def parse():
+        try:
+            return parser.parse_args_and_config(argv)
+        except (ArgumentError, ValueError, OSError, yaml.YAMLError) as e:  # also unknown keys, a bad or missing yaml
+            raise TinyVLAError(str(e).split(". Please")[0].replace("\n", " ") + " (--help lists the options)") from None
+    margs, dargs, eargs, targs = parse()
+    saved = Path(eargs.eval or eargs.serve, RUN_CONFIG)
+    if (eargs.eval or eargs.serve) and saved.exists():  # its eval settings become the defaults; yaml, flags still win
         parser.set_defaults(**{k: v for k, v in json.loads(saved.read_text())["eval"].items() if k in {
             f.name for f in fields(EvalArgs)} - {"eval", "eval_dir", "shard_id", "num_shards", "serve", "api_key"}})
-    try:
-        margs, dargs, eargs, targs = parser.parse_args_and_config(argv)
-    except (ArgumentError, ValueError, OSError, yaml.YAMLError) as e:  # also unknown keys, a bad or missing yaml
-        raise TinyVLAError(str(e).split(". Please")[0].replace("\n", " ") + " (--help lists the options)") from None
+        margs, dargs, eargs, targs = parse()  # the yaml's values are set as defaults again: over the checkpoint's
     for name, valid in {"per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",  # TRL's
                         "gradient_accumulation_steps": "[1, inf)", "dataloader_num_workers": "[0, inf)",
                         "learning_rate": "[0, inf)", "max_grad_norm": "[0, inf)", "weight_decay": "[0, inf)"}.items():

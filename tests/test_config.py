@@ -1,4 +1,5 @@
 """Config precedence (defaults < yaml < CLI), rejection of unknown keys and bad types, one-line errors."""
+import json
 import subprocess
 import sys
 
@@ -21,6 +22,23 @@ def test_precedence_default_yaml_cli(tmp_path):
     # SFTConfig settings TinyVLA needs are in place
     assert t.remove_unused_columns is False and t.dataset_kwargs == {"skip_prepare_dataset": True}
     assert t.max_length is None
+
+
+@pytest.mark.parametrize("mode", ["--eval", "--serve"])
+def test_a_checkpoints_eval_settings_are_the_defaults_however_it_is_named(tmp_path, mode):
+    """Its saved ensembling is what it is evaluated and served with: `--eval PATH`, `--eval=PATH` or a yaml's `eval:`
+    alike; a yaml value or a flag still wins."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    saved = {"eval": {**vars(tinyvla.EvalArgs()), "ensemble_window": 10, "num_envs": 16, "decode_width": 4}}
+    (ckpt / tinyvla.RUN_CONFIG).write_text(json.dumps(saved))
+    cfg, key = tmp_path / "c.yaml", mode[2:]
+    cfg.write_text(yaml.safe_dump({key: str(ckpt), "num_envs": 3}))
+    for argv in ([mode, str(ckpt)], [f"{mode}={ckpt}"], ["--config", str(cfg)]):
+        e = tinyvla.parse_args(argv)[2]
+        assert (getattr(e, key), e.ensemble_window, e.decode_width) == (str(ckpt), 10, 4), argv
+        assert e.num_envs == (3 if "--config" in argv else 16), argv
+    assert tinyvla.parse_args([f"{mode}={ckpt}", "--ensemble_window", "2"])[2].ensemble_window == 2
 
 
 def test_repo_config_yaml_is_the_reference_recipe():
