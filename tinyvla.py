@@ -40,7 +40,7 @@ import yaml
 from peft import LoraConfig
 from tqdm import tqdm
 from transformers import (AutoModelForImageTextToText, AutoProcessor, CompileConfig, GenerationConfig, LogitsProcessor,
-                          StaticCache)
+                          StaticCache, TrainerState)
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 # ----------------------------------------------------------------------------- config
@@ -161,7 +161,7 @@ class EvalArgs(Checked):
 
 
 def parse_args(argv=None):
-    """defaults < --config yaml < CLI; every value checked; then the derived values, computed once here."""
+    """defaults < the checkpoint's eval settings (--eval, --serve) < --config yaml < CLI; every value checked."""
     argv = list(sys.argv[1:] if argv is None else argv)  # argparse errors raise (one line) instead of printing usage
     parser = TrlParser((ModelArgs, DataArgs, EvalArgs, SFTConfig), allow_abbrev=False, exit_on_error=False)
     parser.set_defaults(  # project defaults for TRL fields; config.yaml and flags still override them
@@ -190,8 +190,6 @@ def parse_args(argv=None):
         raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
     if eargs.shard_id >= eargs.num_shards:
         raise TinyVLAError(f"shard_id must be in [0, {eargs.num_shards - 1}] (below num_shards), got {eargs.shard_id}")
-    if dargs.val_ratio == 0:
-        targs.eval_strategy = "no"  # nothing to evaluate on
     if not (eargs.eval or eargs.serve):
         targs.resume_from_checkpoint = resume_point(targs.output_dir, targs.resume_from_checkpoint, targs.max_steps)
     return margs, dargs, eargs, targs
@@ -221,8 +219,9 @@ def resume_point(output_dir, resume, max_steps):
         raise TinyVLAError(f"{resume} is not a complete checkpoint; --resume_from_checkpoint last takes the newest one")
     elif not resume and (ckpts or (out / "final").exists()):
         raise TinyVLAError(f"{out} already holds a run: continue it (--resume_from_checkpoint last) or move it away")
-    if resume and 0 < max_steps <= trained_steps(resume):
-        raise TinyVLAError(f"{resume} has reached max_steps {max_steps}: nothing left to train (raise --max_steps)")
+    if resume and 0 < max_steps <= trained_steps(resume) and (out / "final" / ACTION_STATS).exists():  # written last
+        raise TinyVLAError(f"{resume} has reached max_steps {max_steps} and {out / 'final'} is saved: nothing left to "
+                           "train (raise --max_steps)")  # without final/ (killed saving it), resuming just saves it
     return resume
 
 
@@ -529,8 +528,9 @@ class VLATrainer(SFTTrainer):
             super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir=None, state_dict=None):
-        super()._save(output_dir, state_dict)
-        save_run_info(output_dir or self.args.output_dir, self.run_config, self.stats)
+        super()._save(output_dir, state_dict)  # transformers calls it on every rank (to gather sharded weights)
+        if self.args.should_save:
+            save_run_info(output_dir or self.args.output_dir, self.run_config, self.stats)
 
     def _load_from_checkpoint(self, checkpoint, model=None):
         # transformers 5 saves Qwen2.5-VL under its original key names, which the Trainer loads back unconverted and
@@ -1076,6 +1076,10 @@ def serve_policy(ckpt, e):
 def make_trainer(m, d, e, targs):
     """Datasets, model (LoRA-wrapped by TRL when use_lora) and the trainer for a parsed config."""
     train_ds, val_ds, stats = build_datasets(d, targs.seed)
+    if val_ds is None:  # val_ratio 0, or a single episode
+        targs.eval_strategy = "no"
+        if d.val_ratio > 0:
+            warnings.warn(f"{d.repo_id} has a single episode: none is held out, so no val loss and no best/")
     model, processor = load_model(m.model_id, m, d)
     peft_config = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, bias="none",
                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM") if m.use_lora else None
@@ -1102,7 +1106,12 @@ def train(m, d, e, targs):
     trainer = make_trainer(m, d, e, targs)
     if trainer.is_world_process_zero():
         save_run_info(targs.output_dir, trainer.run_config, trainer.stats)
-    trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
+    resume = targs.resume_from_checkpoint
+    if resume and 0 < targs.max_steps <= trained_steps(resume):  # stopped while saving final/: save it (the Trainer
+        trainer._load_from_checkpoint(resume)  # would take a step more, so it does not run)
+        trainer.state = TrainerState.load_from_json(str(Path(resume, "trainer_state.json")))
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         print(train_summary(trainer, final))

@@ -123,8 +123,13 @@ def test_kill_during_save_resumes_from_the_last_complete_checkpoint(tiny_model, 
                            timeout=300)
         assert r.returncode != 0 and message in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
     assert tinyvla.resume_point(out, "last", 500) == str(complete)
-    r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args, "--resume_from_checkpoint", "last",
-                        "--max_steps", str(step)], capture_output=True, text=True, timeout=300)
+    # killed while saving final/ at max_steps: the same command again finishes the run by saving it, once
+    final_again = [*args, "--resume_from_checkpoint", "last", "--max_steps", str(step)]
+    run_cli(*final_again)
+    assert weights(out / "final").keys() == weights(complete).keys()
+    assert all(torch.equal(v, weights(complete)[k]) for k, v in weights(out / "final").items())
+    r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *final_again], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode != 0 and f"{complete} has reached max_steps {step}" in r.stderr.splitlines()[-1]
     # one more step: final/ is one step from `complete`, and `step` + 1 from the base model
     r = run_cli(*args, "--resume_from_checkpoint", "last", "--max_steps", step + 1)
@@ -132,6 +137,24 @@ def test_kill_during_save_resumes_from_the_last_complete_checkpoint(tiny_model, 
     final, saved, base = weights(out / "final"), weights(complete), weights(tiny_model)
     dist = lambda a, b: sum(float((a[k] - b[k]).norm()) for k in a)
     assert dist(final, saved) < 0.5 * dist(final, base)
+
+
+def test_a_single_episode_trains_without_validation(tiny_model, tmp_path):
+    """A first try on one's own robot: one recorded episode. Nothing to hold out: it trains, and says so."""
+    out = tmp_path / "run"
+    r = run_cli(*train_args(tiny_model, tiny.make_dataset(tmp_path / "one", episodes=1), out, "--max_steps", 2))
+    assert "has a single episode: none is held out" in r.stderr and (out / "final/model.safetensors").exists()
+
+
+def test_only_the_writer_rank_writes_the_run_info(tiny_model, dataset_v2, tmp_path, monkeypatch):
+    """transformers calls _save on every rank; the run config and action stats are rank 0's to write."""
+    trainer = tinyvla.make_trainer(*tinyvla.parse_args(train_args(tiny_model, dataset_v2, tmp_path / "run")))
+    monkeypatch.setattr(type(trainer.args), "should_save", property(lambda args: False))  # another rank
+    trainer.save_model(str(tmp_path / "other"))
+    assert not (tmp_path / "other" / tinyvla.RUN_CONFIG).exists()
+    monkeypatch.undo()
+    trainer.save_model(str(tmp_path / "writer"))
+    assert (tmp_path / "writer" / tinyvla.RUN_CONFIG).exists() and (tmp_path / "writer" / tinyvla.ACTION_STATS).exists()
 
 
 def test_resume_keeps_best_model_and_eval_cadence(tiny_model, dataset_v2, tmp_path):
