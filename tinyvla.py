@@ -1054,8 +1054,8 @@ def serve_policy(ckpt, e):
                     timing = {**timing, "wall_ms": 1e3 * (time.perf_counter() - start)}
                     print(f"{ws.remote_address[0]}:{ws.remote_address[1]} step {t}: model {timing['model_ms']:.0f} ms "
                           "({passes} passes, batch {batch}), wall {wall_ms:.0f} ms".format(**timing), flush=True)
-                    ws.send(msgpack.packb({"actions": chunk, "action": ensembler.act(t), "server_timing": timing},
-                                          default=to_wire))
+                    ws.send(msgpack.packb({"actions": chunk, "action": ensembler.act(t).tolist(),  # a list: openpi's
+                                           "server_timing": timing}, default=to_wire))  # broker slices every array
                     t += 1
                 except Exception as err:  # openpi's clients raise a text reply; the connection and the server stay up
                     ws.send(f"{type(err).__name__}: {err}")

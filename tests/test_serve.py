@@ -128,6 +128,28 @@ out["after_reset"] = policy.infer(good(4))
     assert out["reset"] == {"reset": True} and np.allclose(out["after_reset"]["action"], chunks[4][0], atol=1e-6)
 
 
+def test_openpi_action_chunk_broker_drives_the_server(server, policy, openpi_python, tmp_path):
+    """openpi's ActionChunkBroker takes row k of every array in a reply at step k: "actions" gives the chunk a step at
+    a time (openpi's open-loop chunks); at action_horizon 1 "action" is the ensembled action, untouched."""
+    port, *_ = server
+    obs = observations(3, seed=2)
+    out = client(openpi_python, tmp_path, port, """
+from openpi_client.action_chunk_broker import ActionChunkBroker
+policy = client()
+broker = ActionChunkBroker(policy, action_horizon=8)
+out["steps"] = [broker.infer(good(0 if t < 8 else 1))["actions"] for t in range(9)]  # a request at steps 0 and 8
+policy.infer({"reset": True})  # the next episode: its ensembling starts over (the broker's reset() cannot tell it)
+broker = ActionChunkBroker(policy, action_horizon=1)
+out["ensembled"] = [broker.infer(good(i))["action"] for i in (0, 2)]
+""", obs)
+    chunks = policy(obs, [tiny.TASKS[0]] * 3)
+    assert np.allclose(out["steps"], [*chunks[0], chunks[1][0]], atol=1e-6)
+    ensembler = tinyvla.ActionEnsembler(3, 1, 0.5)
+    for t, i in enumerate((0, 2)):
+        ensembler.add(t, chunks[i])
+        assert np.allclose(out["ensembled"][t], ensembler.act(t), atol=1e-6)
+
+
 def test_bad_requests_are_answered_and_the_next_good_one_works(server, openpi_python, tmp_path):
     port, proc, _ = server
     out = client(openpi_python, tmp_path, port, """
