@@ -6,6 +6,7 @@
 """
 
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -62,6 +63,7 @@ TOKENS_PER_NUMBER = 5  # answer length bound: up to 4 digits ("1000"), then a sp
 PROMPT_BUCKET = 64  # decoder static: prompts are left-padded to a multiple of this, so few shapes get compiled
 CLASS_CHARS = "0123456789 $"  # the grammar's token classes as text: digits, the space, "$" for END_TOKEN
 episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an episode in LIBERO eval results
+EVAL_SETUP = ("action_horizon", "ensemble_window", "ensemble_version", "ensemble_weight", "episode_max_steps")
 
 
 # No business of the user's: robosuite's macro-file advice, a bitsandbytes kernel fetch, a deprecated name PEFT reads
@@ -710,11 +712,11 @@ class Policy:
     """A checkpoint dir (full model or LoRA adapter + run config + action stats) as a batched policy."""
 
     def __init__(self, ckpt, device=None, decoder="speculative", decode_width=8):
-        model_dir, self.m, self.d, self.stats = load_run_info(ckpt)
+        self.model_dir, self.m, self.d, self.stats = load_run_info(ckpt)
         self.decoder, self.width = decoder, decode_width
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.m.dtype = "float32" if device == "cpu" else self.m.dtype
-        self.model, processor = load_model(str(model_dir), self.m, self.d, device)
+        self.model, processor = load_model(str(self.model_dir), self.m, self.d, device)
         self.collator = Collator(processor, self.d, len(self.stats["global"]["lo"]))
         self.parse_failures, self.calls, self.passes = 0, 0, 0  # running totals (a server runs for weeks)
 
@@ -891,6 +893,17 @@ def episode_list(e):
     return out
 
 
+def weights_id(model_dir):
+    """A fingerprint of a checkpoint's weights: 16 windows of each weights file (training changes every tensor)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            for k in range(16):
+                f.seek(path.stat().st_size * k // 16)
+                digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:16]
+
+
 def read_results(*paths):
     """The finished episodes in results files, each once; a half-written last line (killed, still writing) is not."""
     texts = [path.read_text() if path.exists() else "" for path in paths]
@@ -917,6 +930,13 @@ def evaluate_libero(ckpt, e, policy=None):
     assets = setup_libero(e.libero_assets)
     all_episodes = episode_list(e)
     out_dir = Path(e.eval_dir or Path(ckpt) / "libero_eval")
+    setup = {**{k: getattr(e, k) for k in EVAL_SETUP}, "weights": weights_id(policy.model_dir)}  # in every result
+    other = next((r.get("setup", {}) for r in read_results(*out_dir.glob("results_shard*.jsonl")) if r.get("setup")
+                  != setup), None)  # results of other settings or weights must not pass for this eval's
+    if other is not None:
+        changed = ", ".join(f"{k} {other.get(k, '?')} (now {v})" for k, v in setup.items() if other.get(k) != v)
+        raise TinyVLAError(f"{out_dir} holds results of other settings or weights ({changed}): choose another "
+                           "--eval_dir, or move them away")
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / f"results_shard{e.shard_id}of{e.num_shards}.jsonl"
     lock = open(out_dir / f".{results_file.name}.lock", "w")  # held until the process ends: one eval per file
@@ -969,6 +989,7 @@ def evaluate_libero(ckpt, e, policy=None):
         if kind == "error":
             raise TinyVLAError("the simulator failed in {suite} task {task_id} episode {episode}: ".format(**ep) +
                                f"{payload} (finished episodes are saved; rerun to resume)")
+        payload = {**payload, "setup": setup}
         with open(results_file, "a") as f:  # one line per finished episode: a rerun skips it
             f.write(json.dumps(payload) + "\n")
         results.append(payload)

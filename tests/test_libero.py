@@ -45,7 +45,16 @@ def test_eval_writes_results_table_videos_and_skips_finished(trained_run, tmp_pa
     # the same command again: nothing left to run, nothing counted twice
     r = subprocess.run(eval_cmd(trained_run[0] / "final", out), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len(results(out)) == 2
+    assert len(results(out)) == 2 and all(x["setup"]["ensemble_window"] == 8 for x in results(out))
+    # other settings or other weights (best/ rewritten by a later epoch, say): these results are not theirs
+    before = (out / "results_shard0of1.jsonl").read_text()
+    for ckpt, extra, changed in [("final", ["--ensemble_window", 1], "(ensemble_window 8 (now 1)):"),
+                                 ("checkpoint-2", [], "(weights ")]:
+        r = subprocess.run(eval_cmd(trained_run[0] / ckpt, out, *extra), capture_output=True, text=True, timeout=600)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and last.startswith(f"tinyvla: error: {out} holds results of other settings") and \
+            changed in last and "choose another --eval_dir" in last, last
+    assert (out / "results_shard0of1.jsonl").read_text() == before
 
 
 def test_killed_eval_resumes_to_exactly_all_episodes(trained_run, tmp_path):
