@@ -148,7 +148,7 @@ class EvalArgs(Checked):
     decode_width: int = arg(8, "Tokens one forward pass may decode (static: every pass this wide).", "[1, inf)")
     save_video: bool = arg(True, "Write an mp4 per episode.")
     libero_assets: str = arg("", "Local LIBERO assets dir (or $LIBERO_ASSETS).")
-    eval_dir: str = arg("", "Results dir (default: <checkpoint>/libero_eval).")
+    eval_dir: str = arg("", "Results dir (default: <run>/libero_eval/<checkpoint>, where no rotation deletes it).")
     shard_id: int = arg(0, "This worker's share of the episodes.", "[0, inf)")
     num_shards: int = arg(1, "Split the episodes across this many workers.", "[1, inf)")
     gen_eval_every: int = arg(1, "Generation metrics every N evaluations (0: off).", "[0, inf)")
@@ -929,7 +929,7 @@ def evaluate_libero(ckpt, e, policy=None):
         raise TinyVLAError(f"action_horizon {e.action_horizon} is longer than the policy's chunks ({policy.d.horizon})")
     assets = setup_libero(e.libero_assets)
     all_episodes = episode_list(e)
-    out_dir = Path(e.eval_dir or Path(ckpt) / "libero_eval")
+    out_dir = Path(e.eval_dir or Path(ckpt).parent / "libero_eval" / Path(ckpt).name)
     setup = {**{k: getattr(e, k) for k in EVAL_SETUP}, "weights": weights_id(policy.model_dir)}  # in every result
     other = next((r.get("setup", {}) for r in read_results(*out_dir.glob("results_shard*.jsonl")) if r.get("setup")
                   != setup), None)  # results of other settings or weights must not pass for this eval's

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -13,9 +14,10 @@ from conftest import ROOT
 pytest.importorskip("libero", reason="LIBERO not installed (pip install -e '.[dev]')")
 
 
-def eval_cmd(ckpt, out, *extra):
+def eval_cmd(ckpt, out, *extra):  # out None: the default results dir
     return [sys.executable, str(ROOT / "tinyvla.py"), "--eval", str(ckpt), "--suite", "libero_object", "--task_ids",
-            "0", "--episodes_per_task", "2", "--episode_max_steps", "4", "--eval_dir", str(out), *map(str, extra)]
+            "0", "--episodes_per_task", "2", "--episode_max_steps", "4", *(["--eval_dir", str(out)] if out else []),
+            *map(str, extra)]
 
 
 def results(out):
@@ -102,11 +104,16 @@ def test_dead_simulator_worker_is_one_line(trained_run, tmp_path):
 
 
 def test_action_horizon_queries_every_nth_step(trained_run, tmp_path):
-    out = tmp_path / "eval"
-    r = subprocess.run(eval_cmd(trained_run[0] / "final", out, "--episodes_per_task", 1, "--episode_max_steps", 3,
-                                "--num_envs", 1, "--save_video", "false", "--action_horizon", 2),
+    """Also: by default the results go beside the checkpoints, where the Trainer's checkpoint rotation
+    (save_total_limit) does not delete them with the checkpoint."""
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    shutil.copytree(trained_run[0] / "final", ckpt)
+    r = subprocess.run(eval_cmd(ckpt, None, "--episodes_per_task", 1, "--episode_max_steps", 3, "--num_envs", 1,
+                                "--save_video", "false", "--action_horizon", 2),
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "run" / "libero_eval" / "checkpoint-4"
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(p.name for p in (trained_run[0] / "final").iterdir())
     rows = results(out)
     assert len(rows) == 1 and rows[0]["steps"] == 3
     assert "3 env steps, 2 policy queries in" in r.stdout  # action_horizon 2: queried at steps 0 and 2
