@@ -38,7 +38,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 import yaml
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from tqdm import tqdm
 from transformers import (AutoModelForImageTextToText, AutoProcessor, CompileConfig, GenerationConfig, LogitsProcessor,
                           StaticCache, TrainerState)
@@ -164,7 +164,6 @@ class EvalArgs(Checked):
 
 def parse_args(argv=None):
     """defaults < the checkpoint's eval settings (--eval, --serve) < --config yaml < CLI; every value checked."""
-    argv = list(sys.argv[1:] if argv is None else argv)  # argparse errors raise (one line) instead of printing usage
     parser = TrlParser((ModelArgs, DataArgs, EvalArgs, SFTConfig), allow_abbrev=False, exit_on_error=False)
     parser.set_defaults(  # project defaults for TRL fields; config.yaml and flags still override them
         output_dir="runs/tinyvla", eval_strategy="epoch", save_strategy="epoch", logging_steps=10, report_to="none",
@@ -172,7 +171,7 @@ def parse_args(argv=None):
         gradient_checkpointing=None,  # TRL's True set a name transformers deprecates (a warning); off unless asked
         bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())  # so CPU-only machines just work
 
-    def parse():
+    def parse():  # argparse errors raise (one line) instead of printing usage
         try:
             return parser.parse_args_and_config(argv)
         except (ArgumentError, ValueError, OSError, yaml.YAMLError) as e:  # also unknown keys, a bad or missing yaml
@@ -232,8 +231,7 @@ def image_pixels(d):
     return d.img_size ** 2 * (len(d.image_keys) if d.tile_images else 1)
 
 
-def save_run_info(out_dir, run_config, stats):
-    os.makedirs(out_dir, exist_ok=True)
+def save_run_info(out_dir, run_config, stats):  # into a dir the Trainer made
     Path(out_dir, RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
     Path(out_dir, ACTION_STATS).write_text(json.dumps(stats, indent=2))
 
@@ -406,12 +404,10 @@ class VLADataset(torch.utils.data.Dataset):
         return self.actions[np.minimum(r + np.arange(self.d.horizon), self.ep_end[r] - 1)]
 
     def __getitem__(self, i):
-        task = self.tasks[self.rows[i]]
         answer = actions_to_text(self.chunk(i), *action_bounds(self.stats), self.d.num_bins)
-        if self.train:
-            answer = mask_digits(answer, self.d.action_mask_aug_pct)
+        answer = mask_digits(answer, self.d.action_mask_aug_pct) if self.train else answer
         images = prepare_images(self.frames(self.rows[i]), self.d, self.train)
-        return {"images": images, "task": task, "answer": answer}
+        return {"images": images, "task": self.tasks[self.rows[i]], "answer": answer}
 
     def as_hf(self, limit=0):
         """The samples (or `limit` evenly spaced ones) as a datasets.Dataset, built on access by a transform."""
@@ -510,7 +506,6 @@ def load_model(model_id, m, d, device=None):
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=getattr(torch, m.dtype),
                                                         attn_implementation=m.attn_implementation)
     if adapter.exists():
-        from peft import PeftModel
         model = PeftModel.from_pretrained(model, model_id).merge_and_unload()
     return (model.to(device) if device else model), processor
 
