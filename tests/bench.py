@@ -16,6 +16,7 @@
 --real uses the real Qwen2.5-VL-3B architecture from ../shared/assets, or $TINYVLA_ASSETS (random weights, bf16;
 for a GPU). `gpu --cpu` runs the same sequence on the tiny model, to check the script itself.
 """
+import gc
 import os
 import re
 import sys
@@ -174,6 +175,8 @@ def bench_generate(real=False, batches=(1, 8, 32), static_batches=(1, 8, 32)):
             print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | {passes:6d} | "
                   f"{first:12.2f} | {t:10.3f} | {1e3 * t / b:11.1f} | {b / t:6.1f}")
             best = max(best, b / t) if not drafted else best  # a real draft saves less: not for the projection
+    tinyvla.static_cache.cache_clear()  # it holds the model and its caches; the training figures measure memory next
+    torch._dynamo.reset()  # and the compiled graphs (CUDA graph memory pools)
     return best
 
 
@@ -189,13 +192,13 @@ def bench_train(real=False, steps=5, batches=None, preset=False):
                 ("LoRA+ckpt", ["--use_lora", "true", ckpt, "true"])]
     if real and find_spec("flash_attn"):
         variants.append(("full+flash", ["--attn_implementation", "flash_attention_2"]))
-    if find_spec("liger_kernel"):
-        variants.append(("full+liger", ["--use_liger_kernel", "true"]))
     if preset:  # the 24 GB preset as configured, gradient accumulation 1 (the same memory per micro-batch)
         optim = [] if find_spec("bitsandbytes") else ["--optim", "adamw_torch"]  # 8-bit AdamW where it imports
         variants.append(("24GB preset" + (" (adamw_torch)" if optim else ""), [
             "--config", str(Path(__file__).resolve().parents[1] / "config_lora_24gb.yaml"),
             "--gradient_accumulation_steps", "1", "--report_to", "none", "--num_train_epochs", "1", *optim]))
+    if find_spec("liger_kernel"):  # last: Liger patches transformers' Qwen2.5-VL classes for the rest of the process
+        variants.append(("full+liger", ["--use_liger_kernel", "true"]))
     print("  variant    | batch | samples/s | tokens/s | peak mem GiB | MFU")
     for label, extra in variants:
         sizes = batches or ((8, 16, 32) if real else (4,))
@@ -205,7 +208,6 @@ def bench_train(real=False, steps=5, batches=None, preset=False):
                     str(steps + 2), "--per_device_train_batch_size", str(batch), "--eval_strategy", "no",
                     "--save_strategy", "no", "--logging_steps", "1", "--dataloader_num_workers", "4" if real else "0",
                     "--bf16", str(real), "--use_cpu", str(not real), *extra]
-            trainer = tinyvla.make_trainer(*tinyvla.parse_args(argv))
             times = []
             from transformers import TrainerCallback
 
@@ -220,15 +222,19 @@ def bench_train(real=False, steps=5, batches=None, preset=False):
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - self.t)
 
-            trainer.add_callback(Clock())
             if real:
                 torch.cuda.reset_peak_memory_stats()
             try:
+                trainer = tinyvla.make_trainer(*tinyvla.parse_args(argv))
+                trainer.add_callback(Clock())
                 trainer.train()
-            except torch.OutOfMemoryError:  # the largest batch that fits is the answer; go on with the next variant
-                print(f"  {label:10s} | {batch:5d} | out of memory")
+            except Exception as err:  # out of memory: the largest batch that fits is the answer. Either way (a kernel
+                # library failing, say) the next variants still run: device time is scarce
+                print(f"  {label:10s} | {batch:5d} | " + ("out of memory" if isinstance(err, torch.OutOfMemoryError)
+                                                          else f"failed: {type(err).__name__}: {str(err)[:300]}"))
                 trainer = None  # its model and optimizer states go before the next variant loads
-                torch.cuda.empty_cache()
+                if real:
+                    torch.cuda.empty_cache()
                 continue
             step = float(np.median(times[2:]))
             n_tok = trainer.data_collator([trainer.train_dataset[i] for i in range(batch)])["input_ids"].numel()
@@ -385,23 +391,26 @@ def bench_lora_params():
 
 
 def bench_gpu(real=True):
-    """Every GPU figure of the speed issue in one run (aimed at under 8 minutes on an H200): which GPU, training (full
-    FT and LoRA, activation checkpointing off and on, batch 8 and 32, the 24 GB preset), decoding (generate, static
-    and speculative decoders) and the full-eval projection. A section that fails prints why and the next one runs.
-    Last, after the GPU figures, the data pipeline on the host's CPU (a GPU host's core, not this 2-core machine)."""
+    """Every GPU figure of the speed issue in one run (aimed at under 8 minutes on an H200): which GPU, decoding
+    (generate, static and speculative decoders), training (full FT and LoRA, activation checkpointing off and on,
+    batch 8 and 32, the 24 GB preset, Liger's fused kernels where it imports) and the full-eval projection. A section
+    that fails prints why and the next one runs. Last, the data pipeline on the host's CPU (a GPU host's core)."""
     import transformers
     import trl
     t0, best = time.time(), 0.0
     gpu = torch.cuda.get_device_name() if real else "none (--cpu: the tiny model, to check this script)"
     print(f"GPU: {gpu}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
           f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
-    for name, run in (("train", lambda: bench_train(real, batches=(8, 32) if real else None, preset=True)),
-                      ("generate", lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8),
-                                                          (1, 32) if real else (1,)))):
+    for name, run in (("generate", lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8),  # first: train's
+                                                          (1, 32) if real else (1,))),  # Liger variant patches Qwen
+                      ("train", lambda: bench_train(real, batches=(8, 32) if real else None, preset=True))):
         try:
             best = run() or best
         except Exception as err:  # one section failing must not cost the others their device time
             print(f"  {name} failed: {type(err).__name__}: {err}")
+        gc.collect()  # what the section held goes before the next one measures memory
+        if real:
+            torch.cuda.empty_cache()
         print(f"[{name} done after {time.time() - t0:.0f} s]")
     # one simulator's physics (GPU rendering): BENCHMARKS.md's CPU figure unless measured on this host
     sim, queries, steps = float(os.environ.get("TINYVLA_SIM_STEPS_PER_S", 74.2)), 330_000, 350_000
