@@ -5,7 +5,8 @@
 # the real Qwen2.5-VL-3B config and LIBERO metadata into .assets/, both ignored by git and carried by the call (about 48 MB).
 # The device call then carries [".whl", ".assets"] and runs:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
-#   export PYTHONPATH=/tmp/site TINYVLA_ASSETS=.assets PYTHONUNBUFFERED=1 && python3 tests/bench.py gpu
+#   export PYTHONPATH=/tmp/site TINYVLA_ASSETS=.assets PYTHONUNBUFFERED=1 &&
+#   python3 tests/bench.py gpu 2>&1 | tee $OUT/bench_gpu.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exclude=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$exclude")" && touch "$exclude"
