@@ -135,7 +135,7 @@ class EvalArgs(Checked):
     eval: str = arg("", "Checkpoint dir to evaluate in LIBERO (skips training).")
     suite: Literal[(*SUITE_MAX_STEPS, "all")] = arg("libero_spatial", "A LIBERO suite, or all four standard ones.")
     task_ids: list[int] = arg([], "Only these task ids (default: all).")
-    episodes_per_task: int = arg(50, "Episodes per task (init states 0..N-1).", "[1, inf)")
+    episodes_per_task: int = arg(50, "Episodes per task: init states 0..N-1 (LIBERO has 50).", "[1, inf)")
     episode_max_steps: int = arg(0, "Steps per episode; 0: the suite's standard limit.", "[0, inf)")
     num_envs: int = arg(8, "Simulators in parallel worker processes.", "[1, inf)")
     action_horizon: int = arg(1, "Query the policy every this many steps.", "[1, inf)")
@@ -191,6 +191,8 @@ def parse_args(argv=None):
         raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
     if eargs.shard_id >= eargs.num_shards:
         raise TinyVLAError(f"shard_id must be in [0, {eargs.num_shards - 1}] (below num_shards), got {eargs.shard_id}")
+    if targs.dataloader_num_workers and targs.dataloader_multiprocessing_context is None:  # workers inherit the
+        targs.dataloader_multiprocessing_context = "fork"  # dataset; Python 3.14's default (forkserver) would pickle it
     if not (eargs.eval or eargs.serve):
         targs.resume_from_checkpoint = resume_point(targs.output_dir, targs.resume_from_checkpoint, targs.max_steps)
     return margs, dargs, eargs, targs
@@ -644,7 +646,7 @@ def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=Fal
     size = n + (TOKENS_PER_NUMBER * g.n + 1) * width  # static: a pass writes width slots, kept or not
     if static:  # reused, emptied: CUDA graphs replay on the tensors they recorded (new ones would record anew)
         (cache := static_cache(model, b, size)).reset()
-    out = model(**inputs, past_key_values=cache if static else None, use_cache=True)
+    out = model(**inputs, past_key_values=cache if static else None, use_cache=True, logits_to_keep=1)  # [B, 1, V]
     step = model.get_compiled_call(CompileConfig()) if static and dev.type == "cuda" else model  # prefill: eager
     cache, mask, passes, texts = out.past_key_values, inputs["attention_mask"], 1, [""] * b
     position = getattr(model, "get_base_model", lambda: model)().model.rope_deltas[:, 0] + mask.sum(1)  # next token's
@@ -883,8 +885,11 @@ def episode_list(e):
             raise TinyVLAError(f"task_ids {e.task_ids}: {suite} has tasks 0..{bench.n_tasks - 1}")
         for task_id in e.task_ids or range(bench.n_tasks):
             n_init = len(bench.get_task_init_states(task_id))
+            if e.episodes_per_task > n_init:  # more would replay init states, seeded alike: the same episodes again
+                raise TinyVLAError(f"episodes_per_task {e.episodes_per_task}: {suite} task {task_id} has {n_init} "
+                                   "init states, one episode each")
             out += [{"suite": suite, "task_id": task_id, "task": bench.get_task(task_id).language, "episode": ep,
-                     "init_state": ep % n_init} for ep in range(e.episodes_per_task)]
+                     "init_state": ep} for ep in range(e.episodes_per_task)]
     return out
 
 
@@ -955,7 +960,11 @@ def evaluate_libero(ckpt, e, policy=None):
                 conn.send(ep)
                 chunk = None
                 while (msg := conn.recv())[0] == "obs":  # lockstep: full policy batches of the envs stepping
-                    chunk = batcher(msg[1], ep["task"], draft(chunk, e.action_horizon), lockstep=True)[0]
+                    try:
+                        chunk = batcher(msg[1], ep["task"], draft(chunk, e.action_horizon), lockstep=True)[0]
+                    except Exception as err:  # the policy failed (whatever the error, not the pipe): the main
+                        events.put((ep, "raise", err))  # thread raises it
+                        return
                     conn.send(chunk)
                 batcher.leave()  # next: a video written, a scene built; the others do not wait for that
                 events.put((ep, *msg))
@@ -964,8 +973,6 @@ def evaluate_libero(ckpt, e, policy=None):
             events.put((ep, "error", f"its worker process died (exit code {proc.exitcode})"))
         except IndexError:
             pass
-        except Exception as err:  # the policy failed: the main thread raises it
-            events.put((ep, "raise", err))
         finally:
             batcher.leave()
             conn.close()  # the worker reads EOF: it closes its simulator and exits
@@ -1018,19 +1025,20 @@ def from_wire(x):
     return np.ndarray(x[b"shape"], np.dtype(x[b"dtype"]), x[b"data"]) if b"__ndarray__" in x else x
 
 
-def request_images(obs, keys, crop_ratio):
-    """A request's camera images, checked, as is its prompt: RGB images (HWC uint8 arrays) the crop leaves pixels of."""
+def request_images(obs, keys, crop_ratio, specials=()):
+    """A request's camera images, checked, as is its prompt: RGB images (HWC uint8 arrays) the crop leaves pixels of;
+    text without the tokenizer's special tokens (one would break the batched call of every client in the round)."""
     obs = obs if isinstance(obs, dict) else {}
     for k in (*keys, "prompt"):
         x = obs.get(k)
         if k == "prompt":
-            ok, want = isinstance(x, str), "a string"
+            ok, want = isinstance(x, str) and not any(t in x for t in specials), "a string without special tokens"
         else:
             ok = isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[2] == 3
             ok, want = ok and min(x.shape[:2]) * crop_ratio >= 1, "an RGB image (HWC uint8 array)"
         if not ok:
-            got = (f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__) if k in obs else \
-                f"nothing (the request has {sorted(map(str, obs))})"
+            got = repr(x) if isinstance(x, str) else f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else \
+                type(x).__name__ if k in obs else f"nothing (the request has {sorted(map(str, obs))})"
             raise ValueError(f"{k} must be {want}, got {got}")
     return [obs[k] for k in keys]
 
@@ -1042,6 +1050,7 @@ def serve_policy(ckpt, e):
     from websockets.sync.server import serve
     batcher = Batcher(Policy(ckpt, None, e.decoder, e.decode_width))
     d, stats, (lo, hi) = batcher.policy.d, batcher.policy.stats, action_bounds(batcher.policy.stats)
+    specials = batcher.policy.collator.processor.tokenizer.all_special_tokens
     if len(e.obs_keys) != len(d.image_keys):
         raise TinyVLAError(f"obs_keys {e.obs_keys}: the policy sees {len(d.image_keys)} cameras ({d.image_keys})")
     meta = {"image_keys": e.obs_keys, "prompt_key": "prompt", "horizon": d.horizon, "action_dim": len(lo),
@@ -1064,7 +1073,7 @@ def serve_policy(ckpt, e):
                         t, chunk = 0, None
                         ws.send(msgpack.packb({"reset": True}))
                         continue
-                    images, start = request_images(obs, e.obs_keys, d.crop_ratio), time.perf_counter()
+                    images, start = request_images(obs, e.obs_keys, d.crop_ratio, specials), time.perf_counter()
                     chunk, timing = batcher(images, obs["prompt"], draft(chunk, 1))  # a request per step, we assume
                     ensembler.add(t, chunk)
                     timing = {**timing, "wall_ms": 1e3 * (time.perf_counter() - start)}

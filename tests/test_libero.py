@@ -103,6 +103,26 @@ def test_dead_simulator_worker_is_one_line(trained_run, tmp_path):
         "-9) (finished episodes are saved; rerun to resume)")
 
 
+def test_a_policy_error_ends_the_eval_with_that_error(trained_run, tmp_path):
+    """Whatever the policy raises (an IndexError from an embedding, an OSError) is raised as it is, not taken for
+    the end of the episodes (a hang) or for a dead simulator."""
+    argv = eval_cmd(trained_run[0] / "final", tmp_path / "eval", "--num_envs", 1, "--save_video", "false")[2:]
+    for error in ("IndexError('index out of range in self')", "OSError('disk full')"):
+        script = f"""
+import tinyvla
+class Failing(tinyvla.Policy):  # the real policy, failing at its third call
+    def __call__(self, *args, **kwargs):
+        if self.calls == 2:
+            raise {error}
+        return super().__call__(*args, **kwargs)
+e = tinyvla.parse_args({[str(a) for a in argv]!r})[2]
+tinyvla.evaluate_libero(e.eval, e, Failing(e.eval, "cpu"))
+"""
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and last == error.replace("('", ": ").replace("')", ""), r.stderr[-2000:]
+
+
 def test_action_horizon_queries_every_nth_step(trained_run, tmp_path):
     """Also: by default the results go beside the checkpoints, where the Trainer's checkpoint rotation
     (save_total_limit) does not delete them with the checkpoint."""
@@ -129,6 +149,10 @@ def test_bad_task_ids_and_assets_are_one_line(trained_run, tmp_path):
     ckpt, out = trained_run[0] / "final", tmp_path / "eval"
     r = subprocess.run(eval_cmd(ckpt, out, "--task_ids", 10), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("tinyvla: error: task_ids [10]")
+    r = subprocess.run(eval_cmd(ckpt, out, "--episodes_per_task", 51), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == ("tinyvla: error: episodes_per_task 51: "
+                                                                       "libero_object task 0 has 50 init states, one "
+                                                                       "episode each")
     r = subprocess.run(eval_cmd(ckpt, out, "--libero_assets", tmp_path), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "is not LIBERO's assets dir" in r.stderr.strip().splitlines()[-1]
     assert not out.exists()

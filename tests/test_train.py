@@ -146,6 +146,16 @@ def test_a_single_episode_trains_without_validation(tiny_model, tmp_path):
     assert "has a single episode: none is held out" in r.stderr and (out / "final/model.safetensors").exists()
 
 
+def test_dataloader_workers_whatever_pythons_start_method(tiny_model, dataset_v2, tmp_path):
+    """Python 3.14 starts processes by forkserver by default, which would pickle the dataset: workers are forked."""
+    out = tmp_path / "run"
+    args = train_args(tiny_model, dataset_v2, out, "--dataloader_num_workers", 2, "--max_steps", 2,
+                      "--eval_strategy", "no")
+    script = f"import multiprocessing as mp, tinyvla; mp.set_start_method('forkserver'); tinyvla.main({args!r})"
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and (out / "final/model.safetensors").exists(), r.stderr[-3000:]
+
+
 def test_only_the_writer_rank_writes_the_run_info(tiny_model, dataset_v2, tmp_path, monkeypatch):
     """transformers calls _save on every rank; the run config and action stats are rank 0's to write."""
     trainer = tinyvla.make_trainer(*tinyvla.parse_args(train_args(tiny_model, dataset_v2, tmp_path / "run")))
