@@ -7,6 +7,7 @@
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ import datasets
 import msgpack
 import numpy as np
 import pandas as pd
+import PIL.Image
 import pyarrow.parquet as pq
 import torch
 import yaml
@@ -99,6 +101,8 @@ class Checked:
             if not choices and (not isinstance(value, (int, float) if kind is float else kind) or (  # an int is a float
                     isinstance(value, bool) and kind is not bool)):  # but True is no number
                 raise TinyVLAError(f"{f.name} must be {kind.__name__}, got {value!r}")
+            if kind is list and not all(isinstance(v, get_args(f.type)[0]) for v in value):  # yaml: ['1'] for [1]
+                raise TinyVLAError(f"{f.name} must be a list of {get_args(f.type)[0].__name__}, got {value!r}")
             if valid and not in_interval(value, valid[1]):
                 raise TinyVLAError(f"{f.name} must be in {valid[1]}, got {value!r}")
 
@@ -177,8 +181,8 @@ def parse_args(argv=None):
         except (ArgumentError, ValueError, OSError, yaml.YAMLError) as e:  # also unknown keys, a bad or missing yaml
             raise TinyVLAError(str(e).split(". Please")[0].replace("\n", " ") + " (--help lists the options)") from None
     margs, dargs, eargs, targs = parse()
-    saved = Path(eargs.eval or eargs.serve, RUN_CONFIG)
-    if (eargs.eval or eargs.serve) and saved.exists():  # its eval settings become the defaults; yaml, flags still win
+    ckpt = eargs.eval or eargs.serve
+    if ckpt and (saved := local_dir(ckpt, "model") / RUN_CONFIG).exists():  # its eval settings are the defaults now
         parser.set_defaults(**{k: v for k, v in json.loads(saved.read_text())["eval"].items() if k in {
             f.name for f in fields(EvalArgs)} - {"eval", "eval_dir", "shard_id", "num_shards", "serve", "api_key"}})
         margs, dargs, eargs, targs = parse()  # the yaml's values are set as defaults again: over the checkpoint's
@@ -260,6 +264,8 @@ def local_dir(repo_id, kind):
 def load_run_info(ckpt):
     """(model dir, ModelArgs, DataArgs, action stats) of a TinyVLA checkpoint or a NVlabs/vla0 run (dir or hub id)."""
     ckpt = local_dir(str(ckpt), "model")
+    if (ckpt / RUN_CONFIG).exists() and not any((ckpt / f).exists() for f in ("config.json", "adapter_config.json")):
+        raise TinyVLAError(f"{ckpt} is a run dir, not a checkpoint: evaluate or serve {ckpt / 'final'} (or best/)")
     if (ckpt / RUN_CONFIG).exists() and (ckpt / ACTION_STATS).exists():
         run = json.loads((ckpt / RUN_CONFIG).read_text())
         if run["data"].get("action_norm", "global") != "global":  # options TinyVLA dropped are ignored, but not this
@@ -295,6 +301,10 @@ def load_lerobot(repo_id, keys):
     if missing:
         raise TinyVLAError(f"dataset {repo_id} has no feature {missing} (it has {sorted(info['features'])}); "
                            "set --image_keys / --action_key")
+    not_cameras = [k for k in keys[:-1] if info["features"][k]["dtype"] not in ("image", "video")]
+    if not_cameras:
+        raise TinyVLAError(f"image_keys {not_cameras} of {repo_id} are not cameras (dtype image or video): set "
+                           "--image_keys")
     # v2.x: tasks.jsonl; v3.0: tasks.parquet, the task string as its index
     df = pd.read_json(root / "meta/tasks.jsonl", lines=True).set_index("task") if (root / "meta/tasks.jsonl").exists() \
         else pd.read_parquet(root / "meta/tasks.parquet")
@@ -349,6 +359,12 @@ def video_frame(path, t, fps):
         raise TinyVLAError(f"{path} has no frame at {want / fps:.3f}s (frame {want}" + (
             f", the next is at {frame.time:.3f}s" if frame else "") + "): it does not match the dataset's timestamps")
     return frame.to_ndarray(format="rgb24", threads=1)  # nor scaler threads (PyAV 19: one per core by default)
+
+
+def stored_image(value):
+    """An image of the parquet files as an RGB array: datasets decodes one with an Image feature; a file written
+    without that metadata (older lerobot v3.0 writers) holds {bytes, path}."""
+    return np.asarray((PIL.Image.open(io.BytesIO(value["bytes"])) if isinstance(value, dict) else value).convert("RGB"))
 
 
 def action_bounds(stats):  # per action dimension, over the train split
@@ -426,6 +442,7 @@ def build_datasets(d, seed):
     order = np.lexsort((meta["frame_index"], meta["episode_index"]))
     episodes = meta["episode_index"][order]
     actions = np.asarray(ds.select_columns([d.action_key]).with_format("numpy")[d.action_key], np.float64)[order]
+    actions = actions.reshape(len(actions), -1)  # a 1-dim action is stored as a scalar
     tasks = np.array([task_names[t] for t in meta["task_index"][order]], dtype=object)
     bad = np.flatnonzero(~np.isfinite(actions).all(1))
     if len(bad):
@@ -444,7 +461,7 @@ def build_datasets(d, seed):
 
     def frames(r, keys=d.image_keys):  # images stored in the parquet files (datasets decodes them), or video frames
         row = table[int(r)] if table.column_names else {}
-        return [video_frame(*videos[k][r], info["fps"]) if k in videos else np.asarray(row[k]) for k in keys]
+        return [video_frame(*videos[k][r], info["fps"]) if k in videos else stored_image(row[k]) for k in keys]
     frames(0)  # a codec PyAV cannot decode fails now, not in a DataLoader worker
     make = lambda rows, train: VLADataset(frames, rows, actions, ep_end, tasks, stats, d, train)
     return make(train_rows, True), (make(val_rows, False) if n_val else None), stats
@@ -498,15 +515,15 @@ class Collator:
 
 # ----------------------------------------------------------------------------- model + trainer
 def load_model(model_id, m, d, device=None):
-    try:
-        processor = AutoProcessor.from_pretrained(model_id, size={"shortest_edge": image_pixels(d),
-                                                                  "longest_edge": image_pixels(d)})
-    except OSError as err:
-        raise TinyVLAError(f"cannot load model {model_id!r} ({str(err).splitlines()[0]}); check --model_id") from None
     adapter = Path(model_id, "adapter_config.json")
     base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else model_id
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype=getattr(torch, m.dtype),
-                                                        attn_implementation=m.attn_implementation)
+    try:  # the base model of a LoRA checkpoint too (a hub id not cached offline, a path of another machine)
+        processor = AutoProcessor.from_pretrained(model_id, size={"shortest_edge": image_pixels(d),
+                                                                  "longest_edge": image_pixels(d)})
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=getattr(torch, m.dtype),
+                                                            attn_implementation=m.attn_implementation)
+    except (OSError, ValueError) as err:
+        raise TinyVLAError(f"cannot load model {base!r} ({str(err).splitlines()[0]}); check --model_id") from None
     if adapter.exists():
         model = PeftModel.from_pretrained(model, model_id).merge_and_unload()
     return (model.to(device) if device else model), processor

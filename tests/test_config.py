@@ -63,6 +63,8 @@ def test_repo_config_yaml_is_the_reference_recipe():
     ({"horizon": True}, "horizon must be int"),
     ({"crop_ratio": [0.9]}, "crop_ratio must be float"),
     ({"image_keys": "image"}, "image_keys must be list"),
+    ({"task_ids": ["1"]}, r"task_ids must be a list of int, got \['1'\]"),
+    ({"image_keys": [1, 2]}, "image_keys must be a list of str"),
     ({"learning_rate": "fast"}, "learning_rate"),
     ({"learning_rate": [1]}, "learning_rate must be in [0, inf), got [1]"),
     ({"ensemble_version": True}, "ensemble_version must be one of 1, 2, got True"),
@@ -120,6 +122,7 @@ BAD_INPUTS = [  # (flags, what the one line must say); each is checked before an
     (["--action_horizon", "0"], "action_horizon must be in [1, inf), got 0"),
     (["--ensemble_window", "0"], "ensemble_window must be in [1, inf), got 0"),
     (["--image_keys", "a", "b", "c"], "image_keys takes one or two camera features"),
+    (["--image_keys", "image", "state"], "image_keys ['state'] of {dataset} are not cameras (dtype image or video)"),
     (["--dataloader_num_workers", "-1"], "dataloader_num_workers must be in [0, inf), got -1"),
     (["--config", "{bad_yaml}"], "while parsing"),
     (["--config", "{missing}"], "No such file"),
@@ -150,6 +153,7 @@ def test_bad_input_is_one_line_before_anything_is_written(flags, message, tmp_pa
     names = {"bad_yaml": work / "bad.yaml", "missing": work / "missing", "a_file": work / "a_file",
              "truncated": work / "truncated", "nan_actions": work / "nan_actions"}
     flags = [f.format(**names) for f in flags]
+    message = message.format(dataset=dataset_v2)
     argv = ["--model_id", str(tiny_model), "--repo_id", str(dataset_v2), "--output_dir", str(work / "run"),
             "--dtype", "float32", *flags]
     before = snapshot(work)
@@ -158,6 +162,13 @@ def test_bad_input_is_one_line_before_anything_is_written(flags, message, tmp_pa
     line = str(exit_.value.code)
     assert line.startswith("tinyvla: error: ") and "\n" not in line and message in line, line
     assert snapshot(work) == before
+
+
+def test_a_run_dir_is_not_a_checkpoint(trained_run):
+    """It holds the run config and action stats too, but the weights are in final/, best/, checkpoint-N/."""
+    with pytest.raises(tinyvla.TinyVLAError, match=f"{trained_run[0]} is a run dir, not a checkpoint: evaluate or "
+                       f"serve {trained_run[0] / 'final'}"):
+        tinyvla.Policy(trained_run[0], device="cpu")
 
 
 def test_action_horizon_longer_than_the_chunks_is_one_line(trained_run, tmp_path):

@@ -95,6 +95,27 @@ def test_dataset_layouts_split_and_chunks(layout, dataset_v2, dataset_v3):
     assert tuple(sample["images"][0].shape) == (3, 224, 448)
 
 
+def test_images_without_image_metadata_and_a_one_dim_action(tmp_path):
+    """Older lerobot v3.0 writers stored images as plain {bytes, path} structs, without the parquet metadata that
+    makes `datasets` decode them; a 1-dim action is stored as a scalar. Both read as the same frames and actions."""
+    import datasets
+    import pyarrow.parquet as pq
+    src = tiny.make_dataset(tmp_path / "v3", "v3.0", episodes=3, length=(6, 8), action_dim=1)
+    import shutil
+    old = shutil.copytree(src, tmp_path / "v3_old_writer")
+    for f in sorted(old.glob("data/*/*.parquet")):
+        df = pq.read_table(f).to_pandas()  # images as {bytes, path} dicts
+        df["action"] = df["action"].map(lambda a: float(a[0]))
+        datasets.Dataset.from_dict(df.to_dict(orient="list")).to_parquet(str(f))
+    assert "image" not in str(datasets.Dataset.from_parquet(str(f)).features["observation.images.image"]).lower()
+    new, ref = (tinyvla.build_datasets(data_args(r, val_ratio=0), seed=0)[0] for r in (old, src))
+    assert len(new) == len(ref) and new.actions.shape == ref.actions.shape == (len(ref), 1)
+    assert np.array_equal(new.actions, ref.actions) and new.chunk(3).shape == (8, 1)
+    for r in (0, 5, len(ref) - 1):
+        assert all(np.array_equal(a, b) for a, b in zip(new.frames(r), ref.frames(r)))
+        assert tiny.read_frame_index(new.frames(r)[0]) == tiny.read_frame_index(ref.frames(r)[0])
+
+
 def test_missing_feature_or_dataset_is_one_clear_error(dataset_v2, tmp_path):
     with pytest.raises(tinyvla.TinyVLAError, match=r"no feature \['nope'\].*it has .*wrist_image.*--image_keys"):
         tinyvla.build_datasets(data_args(dataset_v2, image_keys=["image", "nope"]), 0)

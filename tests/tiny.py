@@ -170,7 +170,9 @@ def make_dataset(out, layout="v2.1", episodes=8, length=(12, 20), size=64, seed=
     (out / "meta").mkdir(parents=True, exist_ok=True)
     info = {"codebase_version": layout, "robot_type": "panda", "total_episodes": episodes, "total_frames": index,
             "total_tasks": len(TASKS), "chunks_size": 1000, "fps": fps,
-            "features": {k: {"dtype": str(v)} for k, v in features.items()}}
+            "features": {k: {"dtype": "image", "shape": [height, width, 3]} if isinstance(v, ImageFeature) else
+                         {"dtype": getattr(v, "feature", v).dtype, "shape": [getattr(v, "length", 1)]}
+                         for k, v in features.items()}}  # as lerobot writes them: image, float32, int64, video
     for cam in cams if video else ():
         info["features"][cam] = {"dtype": "video", "shape": [height, width, 3], "info": {"video.codec": video}}
     if v3:
