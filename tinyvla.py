@@ -301,10 +301,6 @@ def load_lerobot(repo_id, keys):
     if missing:
         raise TinyVLAError(f"dataset {repo_id} has no feature {missing} (it has {sorted(info['features'])}); "
                            "set --image_keys / --action_key")
-    not_cameras = [k for k in keys[:-1] if info["features"][k]["dtype"] not in ("image", "video")]
-    if not_cameras:
-        raise TinyVLAError(f"image_keys {not_cameras} of {repo_id} are not cameras (dtype image or video): set "
-                           "--image_keys")
     # v2.x: tasks.jsonl; v3.0: tasks.parquet, the task string as its index
     df = pd.read_json(root / "meta/tasks.jsonl", lines=True).set_index("task") if (root / "meta/tasks.jsonl").exists() \
         else pd.read_parquet(root / "meta/tasks.parquet")
@@ -438,6 +434,10 @@ class VLADataset(torch.utils.data.Dataset):
 def build_datasets(d, seed):
     """Train/val datasets split by whole episodes, and the action bounds learned from the train split."""
     ds, task_names, info, root = load_lerobot(d.repo_id, [*d.image_keys, d.action_key])
+    not_cameras = [k for k in d.image_keys if info["features"][k]["dtype"] not in ("image", "video")]
+    if not_cameras:
+        raise TinyVLAError(f"image_keys {not_cameras} of {d.repo_id} are not cameras (dtype image or video): set "
+                           "--image_keys")
     meta = ds.select_columns(["episode_index", "frame_index", "task_index", "timestamp"]).with_format("numpy")[:]
     order = np.lexsort((meta["frame_index"], meta["episode_index"]))
     episodes = meta["episode_index"][order]
@@ -459,9 +459,9 @@ def build_datasets(d, seed):
               if info["features"][k]["dtype"] == "video"}  # row r of these (and of table) is row r of the arrays
     table = ds.select_columns([k for k in d.image_keys if k not in videos]).select(order)
 
-    def frames(r, keys=d.image_keys):  # images stored in the parquet files (datasets decodes them), or video frames
+    def frames(r):  # images stored in the parquet files, or video frames
         row = table[int(r)] if table.column_names else {}
-        return [video_frame(*videos[k][r], info["fps"]) if k in videos else stored_image(row[k]) for k in keys]
+        return [video_frame(*videos[k][r], info["fps"]) if k in videos else stored_image(row[k]) for k in d.image_keys]
     frames(0)  # a codec PyAV cannot decode fails now, not in a DataLoader worker
     make = lambda rows, train: VLADataset(frames, rows, actions, ep_end, tasks, stats, d, train)
     return make(train_rows, True), (make(val_rows, False) if n_val else None), stats
