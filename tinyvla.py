@@ -459,9 +459,9 @@ def build_datasets(d, seed):
               if info["features"][k]["dtype"] == "video"}  # row r of these (and of table) is row r of the arrays
     table = ds.select_columns([k for k in d.image_keys if k not in videos]).select(order)
 
-    def frames(r):  # images stored in the parquet files, or video frames
+    def frames(r, keys=d.image_keys):  # images stored in the parquet files, or video frames
         row = table[int(r)] if table.column_names else {}
-        return [video_frame(*videos[k][r], info["fps"]) if k in videos else stored_image(row[k]) for k in d.image_keys]
+        return [video_frame(*videos[k][r], info["fps"]) if k in videos else stored_image(row[k]) for k in keys]
     frames(0)  # a codec PyAV cannot decode fails now, not in a DataLoader worker
     make = lambda rows, train: VLADataset(frames, rows, actions, ep_end, tasks, stats, d, train)
     return make(train_rows, True), (make(val_rows, False) if n_val else None), stats
