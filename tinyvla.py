@@ -538,9 +538,10 @@ class VLATrainer(SFTTrainer):
         super().__init__(*args, train_dataset=train_set.as_hf(), eval_dataset=val, data_collator=collator, **kwargs)
         self.val_set, self.run_config, self.stats = val_set, run_config, stats
 
-    def _save_checkpoint(self, model, trial):  # save_strategy "epoch" saves every epoch: keep every n-th
-        n = self.run_config["eval"]["save_every_epochs"]
-        if self.args.save_strategy != "epoch" or round(self.state.epoch) % n == 0:
+    def _save_checkpoint(self, model, trial):  # save_strategy "epoch" saves every epoch: keep every n-th, and the
+        n = self.run_config["eval"]["save_every_epochs"]  # best one if load_best_model_at_end is to load it
+        best = self.args.load_best_model_at_end and self.state.best_global_step == self.state.global_step
+        if self.args.save_strategy != "epoch" or round(self.state.epoch) % n == 0 or best:
             super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir=None, state_dict=None):

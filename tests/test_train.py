@@ -97,6 +97,17 @@ def test_best_model_reload_restores_the_saved_weights(trained_run):
                            weights(out / "checkpoint-4")["model.norm.weight"])
 
 
+def test_load_best_model_at_end_with_sparse_epoch_checkpoints(tiny_model, tmp_path):
+    """save_every_epochs 2 skips odd epochs' checkpoints, but never the best one: final/ is the lowest val loss."""
+    data, out = tiny.make_dataset(tmp_path / "data", episodes=3, length=(6, 8)), tmp_path / "run"
+    run_cli(*train_args(tiny_model, data, out, "--max_steps", -1, "--num_train_epochs", 3, "--save_every_epochs", 2,
+                        "--load_best_model_at_end", "true", "--gen_eval_every", 0, "--learning_rate", 1e-3))
+    state = json.loads(max(out.glob("checkpoint-*/trainer_state.json"), key=lambda f: f.stat().st_mtime).read_text())
+    losses = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h]
+    final, best = weights(out / "final"), weights(out / "best")
+    assert all(torch.equal(v, best[k]) for k, v in final.items()), losses
+
+
 def test_kill_during_save_resumes_from_the_last_complete_checkpoint(tiny_model, dataset_v2, tmp_path):
     out = tmp_path / "run"
     args = train_args(tiny_model, dataset_v2, out, "--max_steps", 500, "--save_strategy", "steps", "--save_steps", 1,
