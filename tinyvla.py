@@ -152,7 +152,8 @@ class EvalArgs(Checked):
     decode_width: int = arg(8, "Tokens one forward pass may decode (static: every pass this wide).", "[1, inf)")
     save_video: bool = arg(True, "Write an mp4 per episode.")
     libero_assets: str = arg("", "Local LIBERO assets dir (or $LIBERO_ASSETS).")
-    eval_dir: str = arg("", "Results dir (default: <run>/libero_eval/<checkpoint>, where no rotation deletes it).")
+    eval_dir: str = arg("", "Results dir (default: <run>/libero_eval/<checkpoint>, where no rotation deletes it; "
+                        "for a hub id ./libero_eval/<owner>--<name>).")
     shard_id: int = arg(0, "This worker's share of the episodes.", "[0, inf)")
     num_shards: int = arg(1, "Split the episodes across this many workers.", "[1, inf)")
     gen_eval_every: int = arg(1, "Generation metrics every N evaluations (0: off).", "[0, inf)")
@@ -522,7 +523,7 @@ def load_model(model_id, m, d, device=None):
                                                                   "longest_edge": image_pixels(d)})
         model = AutoModelForImageTextToText.from_pretrained(base, dtype=getattr(torch, m.dtype),
                                                             attn_implementation=m.attn_implementation)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:  # ImportError: flash_attention_2 without flash-attn, say
         raise TinyVLAError(f"cannot load model {base!r} ({str(err).splitlines()[0]}); check --model_id") from None
     if adapter.exists():
         model = PeftModel.from_pretrained(model, model_id).merge_and_unload()
@@ -731,6 +732,8 @@ class Policy:
         self.decoder, self.width = decoder, decode_width
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.m.dtype = "float32" if device == "cpu" else self.m.dtype
+        self.m.attn_implementation = "sdpa"  # the decoders' masks (padding, slots not kept) are tested with it; and the
+        # kernel the run trained with (flash-attn, say) need not be installed where it is evaluated or served
         self.model, processor = load_model(str(self.model_dir), self.m, self.d, device)
         self.collator = Collator(processor, self.d, len(self.stats["global"]["lo"]))
         self.parse_failures, self.calls, self.passes = 0, 0, 0  # running totals (a server runs for weeks)
@@ -901,7 +904,7 @@ def episode_list(e):
         bench = benchmark.get_benchmark_dict()[suite]()
         if any(not 0 <= t < bench.n_tasks for t in e.task_ids):
             raise TinyVLAError(f"task_ids {e.task_ids}: {suite} has tasks 0..{bench.n_tasks - 1}")
-        for task_id in e.task_ids or range(bench.n_tasks):
+        for task_id in dict.fromkeys(e.task_ids) or range(bench.n_tasks):  # each once, however often it is named
             n_init = len(bench.get_task_init_states(task_id))
             if e.episodes_per_task > n_init:  # more would replay init states, seeded alike: the same episodes again
                 raise TinyVLAError(f"episodes_per_task {e.episodes_per_task}: {suite} task {task_id} has {n_init} "
@@ -914,7 +917,7 @@ def episode_list(e):
 def weights_id(model_dir):
     """A fingerprint of a checkpoint's weights: 16 windows of each weights file (training changes every tensor)."""
     digest = hashlib.sha256()
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
+    for path in sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin")):
         with open(path, "rb") as f:
             for k in range(16):
                 f.seek(path.stat().st_size * k // 16)
@@ -947,7 +950,9 @@ def evaluate_libero(ckpt, e, policy=None):
         raise TinyVLAError(f"action_horizon {e.action_horizon} is longer than the policy's chunks ({policy.d.horizon})")
     assets = setup_libero(e.libero_assets)
     all_episodes = episode_list(e)
-    out_dir = Path(e.eval_dir or Path(ckpt).parent / "libero_eval" / Path(ckpt).name)
+    local = Path(ckpt).resolve()  # "." too: results must not land inside a checkpoint (a rotation deletes them)
+    out_dir = Path(e.eval_dir or (local.parent / "libero_eval" / local.name if local.exists() else Path(
+        "libero_eval", ckpt.replace("/", "--"))))  # a hub id: ./libero_eval/owner--name
     setup = {**{k: getattr(e, k) for k in EVAL_SETUP}, "weights": weights_id(policy.model_dir)}  # in every result
     other = next((r.get("setup", {}) for r in read_results(*out_dir.glob("results_shard*.jsonl")) if r.get("setup")
                   != setup), None)  # results of other settings or weights must not pass for this eval's
@@ -1019,13 +1024,17 @@ def evaluate_libero(ckpt, e, policy=None):
         proc.join(timeout=30)  # each worker has read EOF: it closes its simulator and exits
     elapsed, queries = time.time() - (batcher.since or time.time()), batcher.served
     wanted = {episode_key(ep) for ep in all_episodes}  # this eval's episodes, each counted once over all shards
-    merged = [r for r in read_results(*sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")))
-              if episode_key(r) in wanted]
+    found = [r for r in read_results(*sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")))
+             if episode_key(r) in wanted]
+    merged = [r for r in found if r.get("setup") == setup]  # not those of a shard started with other settings
     table, summary = results_table(merged)  # every shard's finished episodes: the last shard to end sees them all
+    status = f"{len(merged)} of {len(all_episodes)} episodes finished, over the {e.num_shards} shard(s) in {out_dir}" \
+        + (f"; {len(found) - len(merged)} of other settings or weights left out" if len(found) > len(merged) else "")
+    table = table if len(merged) == len(all_episodes) else f"**Incomplete: {status}**\n\n{table}"  # not to publish
     (out_dir / "results.md").write_text(table + "\n")
-    (out_dir / "results.json").write_text(json.dumps({"per_suite": summary, "episodes": merged}, indent=2))
-    print(table)
-    print(f"{len(merged)} of {len(all_episodes)} episodes finished, over the {e.num_shards} shard(s) in {out_dir}")
+    (out_dir / "results.json").write_text(json.dumps({"finished": len(merged), "expected": len(all_episodes),
+                                                      "per_suite": summary, "episodes": merged}, indent=2))
+    print(f"{table}\n{status}")
     print(f"{env_steps} env steps, {queries} policy queries in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} "
           f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}, "
           f"{(policy.passes - passes) / max(policy.calls - calls, 1):.1f} forward passes per policy call "
@@ -1039,8 +1048,9 @@ def to_wire(x):  # openpi's msgpack-numpy: an array travels as a map of its byte
         if isinstance(x, np.ndarray) else x
 
 
-def from_wire(x):
-    return np.ndarray(x[b"shape"], np.dtype(x[b"dtype"]), x[b"data"]) if b"__ndarray__" in x else x
+def from_wire(x):  # and a numpy scalar as its dtype and value ({"reset": np.True_}, say)
+    return np.ndarray(x[b"shape"], np.dtype(x[b"dtype"]), x[b"data"]) if b"__ndarray__" in x else \
+        np.dtype(x[b"dtype"]).type(x[b"data"]) if b"__npgeneric__" in x else x
 
 
 def request_images(obs, keys, crop_ratio, specials=()):

@@ -10,6 +10,8 @@
     python tests/bench.py sim               # one simulator alone: steps/s with and without camera rendering, and
                                             # the env steps a full 4-suite eval takes (needs ../shared libero-meta)
     python tests/bench.py lora_params       # LoRA trainable parameters on the real 3B config (meta device)
+    python tests/bench.py tokens            # a training sample's tokens on LIBERO's instructions (real processor):
+                                            # vision, supervised, padding at batch 8/32 (needs ../shared)
     python tests/bench.py gpu               # every GPU figure in one run (train, the 24 GB preset, decoding, the eval
                                             # projection), then `data` on the host's CPU; tests/gpu_setup.sh
                                             # prepares what a bare GPU host lacks
@@ -376,6 +378,37 @@ def bench_sim(steps=60):
           f"runs to its limit (each incl. {tinyvla.WAIT_STEPS} settle steps)")
 
 
+def bench_tokens(n=2000, batches=(8, 32)):
+    """What a training sample is made of, on LIBERO's real instructions (a sample per frame) with the real processor:
+    tokens, vision tokens, supervised tokens (all the loss scores), and padding at batch 8/32 (all that padding-free
+    packing could save). Actions: Gaussians of LIBERO's per-dimension mean and std, in its clip range, gripper +-1."""
+    import json
+    from transformers import AutoProcessor
+    meta, d = ASSETS / "libero-meta", tinyvla.DataArgs()
+    tasks = [e["tasks"][0] for e in map(json.loads, (meta / "episodes.jsonl").read_text().splitlines())
+             for _ in range(e["length"])]
+    a = json.loads((meta / "norm_stats.json").read_text())["norm_stats"]["actions"]
+    hi = np.array([0.9375] * 3 + [0.375] * 3 + [1.0])
+    processor = AutoProcessor.from_pretrained(REAL, size={"shortest_edge": tinyvla.image_pixels(d),
+                                                          "longest_edge": tinyvla.image_pixels(d)})
+    col, rng, rows = tinyvla.Collator(processor, d, 7), np.random.default_rng(0), []
+    image = [torch.zeros(3, d.img_size, 2 * d.img_size, dtype=torch.uint8)]
+    for i in rng.choice(len(tasks), n):  # random frames, as the sampler draws them
+        acts = np.clip(rng.normal(a["mean"], a["std"], (d.horizon, 7)), -hi, hi)
+        acts[:, -1] = np.where(acts[:, -1] > 0, 1.0, -1.0)
+        batch = col([{"images": image, "task": tasks[i], "answer": tinyvla.actions_to_text(acts, -hi, hi, 1000)}])
+        rows.append((batch["input_ids"].shape[1], int((batch["labels"] >= 0).sum()),
+                     int((batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())))
+    total, supervised, vision = np.array(rows).T
+    print(f"{n} LIBERO samples, real processor: tokens per sample {total.mean():.1f} (min {total.min()}, max "
+          f"{total.max()}), vision {vision.mean():.0f}, supervised {supervised.mean():.1f} "
+          f"({supervised.sum() / total.sum():.1%} of the positions the loss head would score without masking)")
+    for b in batches:
+        groups = total[: len(total) // b * b].reshape(-1, b)
+        print(f"  batch {b:2d}: padding {1 - groups.sum() / (groups.max(1) * b).sum():.1%} of the tokens a step "
+              "computes (what padding-free packing would save at most)")
+
+
 def bench_lora_params():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
@@ -426,5 +459,5 @@ if __name__ == "__main__":
     what, real = sys.argv[1], "--real" in sys.argv
     {"data": bench_data, "generate": lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8, 32)),
      "train": lambda: bench_train(real),
-     "libero": bench_libero, "serve": bench_serve, "sim": bench_sim, "lora_params": bench_lora_params,
+     "tokens": bench_tokens, "libero": bench_libero, "serve": bench_serve, "sim": bench_sim, "lora_params": bench_lora_params,
      "gpu": lambda: bench_gpu("--cpu" not in sys.argv)}[what]()

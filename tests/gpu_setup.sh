@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run HERE, before `python tests/bench.py gpu` goes to a bare GPU host through the device tool (no network there).
 # It puts the wheels such a host lacks into .whl/ (TinyVLA's own TRL and datasets versions, PyAV, websockets, and
-# liger-kernel for bench.py's fused linear + cross-entropy training variant; it needs the host's triton) and
+# liger-kernel for bench.py's Liger training variant: its RMSNorm/SwiGLU/RoPE kernels, as TRL >= 1.15 keeps its own
+# fused LM head + cross-entropy and turns Liger's off; it needs the host's triton) and
 # the real Qwen2.5-VL-3B config and LIBERO metadata into .assets/, both ignored by git and carried by the call (about 48 MB).
 # The device call then carries [".whl", ".assets"] and runs:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&

@@ -317,3 +317,18 @@ def test_checkpoints_of_older_versions_still_load(trained_run, tmp_path):
     (ckpt / tinyvla.RUN_CONFIG).write_text(json.dumps(run))
     with pytest.raises(tinyvla.TinyVLAError, match="per-task action bounds"):
         tinyvla.load_run_info(ckpt)
+
+
+def test_a_checkpoint_trained_with_flash_attention_loads_without_it(trained_run, tmp_path):
+    """Eval and serving decode with sdpa: the kernel a run trained with need not be installed where it is used."""
+    import json
+    import shutil
+
+    import tiny
+    ckpt = shutil.copytree(trained_run[0] / "final", tmp_path / "fa2")
+    run = json.loads((ckpt / tinyvla.RUN_CONFIG).read_text())
+    run["model"]["attn_implementation"] = "flash_attention_2"
+    (ckpt / tinyvla.RUN_CONFIG).write_text(json.dumps(run))
+    policy = tinyvla.Policy(ckpt, device="cpu")
+    assert policy.model.config._attn_implementation == "sdpa"
+    assert policy(observations(1), [tiny.TASKS[0]]).shape == (1, 8, 7)

@@ -124,18 +124,18 @@ tinyvla.evaluate_libero(e.eval, e, Failing(e.eval, "cpu"))
 
 
 def test_action_horizon_queries_every_nth_step(trained_run, tmp_path):
-    """Also: by default the results go beside the checkpoints, where the Trainer's checkpoint rotation
-    (save_total_limit) does not delete them with the checkpoint."""
+    """Also: by default the results go beside the checkpoints (`--eval .` from inside one too), where the Trainer's
+    checkpoint rotation (save_total_limit) does not delete them with the checkpoint; a task named twice runs once."""
     ckpt = tmp_path / "run" / "checkpoint-4"
     shutil.copytree(trained_run[0] / "final", ckpt)
-    r = subprocess.run(eval_cmd(ckpt, None, "--episodes_per_task", 1, "--episode_max_steps", 3, "--num_envs", 1,
-                                "--save_video", "false", "--action_horizon", 2),
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(eval_cmd(".", None, "--episodes_per_task", 1, "--episode_max_steps", 3, "--num_envs", 1,
+                                "--save_video", "false", "--action_horizon", 2, "--task_ids", 0, 0),
+                       capture_output=True, text=True, timeout=900, cwd=ckpt)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "run" / "libero_eval" / "checkpoint-4"
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(p.name for p in (trained_run[0] / "final").iterdir())
     rows = results(out)
-    assert len(rows) == 1 and rows[0]["steps"] == 3
+    assert len(rows) == 1 and rows[0]["steps"] == 3 and "1 of 1 episodes finished" in r.stdout
     assert "3 env steps, 2 policy queries in" in r.stdout  # action_horizon 2: queried at steps 0 and 2
 
 
@@ -178,6 +178,28 @@ def test_shards_end_with_one_combined_table(trained_run, tmp_path):
         rows = [json.loads(line) for line in (out / f"results_shard{shard_id}of2.jsonl").read_text().splitlines()]
         assert [x["episode"] for x in rows] == [shard_id]
     assert any("2 of 2 episodes finished" in stdout for stdout, _ in outputs)
-    assert sorted(x["episode"] for x in json.loads((out / "results.json").read_text())["episodes"]) == [0, 1]
-    assert "| libero_object | 0: pick up the alphabet soup and place it in the basket | 2 | 0.0% |" in \
-        (out / "results.md").read_text()
+    final = json.loads((out / "results.json").read_text())
+    assert sorted(x["episode"] for x in final["episodes"]) == [0, 1] and final["finished"] == final["expected"] == 2
+    assert (out / "results.md").read_text().startswith(
+        "| suite | task | episodes | success |\n|---|---|---|---|\n"
+        "| libero_object | 0: pick up the alphabet soup and place it in the basket | 2 | 0.0% |")
+
+
+def test_shards_of_other_settings_are_never_one_table(trained_run, tmp_path):
+    """Two shards started together with different settings: none of them finished an episode when the other started
+    (so neither refuses the dir), and yet no table counts both; each says what it left out."""
+    out = tmp_path / "eval"
+    procs = [subprocess.Popen(eval_cmd(trained_run[0] / "final", out, "--num_envs", 1, "--save_video", "false",
+                                       "--shard_id", shard_id, "--num_shards", 2, "--ensemble_window", window),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for shard_id, window in ((0, 8), (1, 1))]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    if any(p.returncode for p in procs):  # one started after the other had finished its episode: refused instead
+        assert sorted(p.returncode == 0 for p in procs) == [False, True], outputs
+        assert any("holds results of other settings" in err for _, err in outputs), outputs
+    else:
+        assert all("1 of 2 episodes finished" in stdout for stdout, _ in outputs), outputs
+        assert any("; 1 of other settings or weights left out" in stdout for stdout, _ in outputs), outputs
+    final = json.loads((out / "results.json").read_text())
+    assert final["finished"] == len(final["episodes"]) == 1 and final["expected"] == 2
+    assert (out / "results.md").read_text().startswith("**Incomplete: 1 of 2 episodes finished")

@@ -176,6 +176,7 @@ for name, request in bad.items():
     except RuntimeError as err:
         out["errors"][name] = str(err)
     out["next"].append(policy.infer(good(0))["actions"].shape)
+out["numpy false"] = sorted(policy.infer({**good(0), "reset": np.False_}))  # openpi packs a numpy scalar as a map
 """, observations(1))
     errors = out["errors"]
     assert all(errors.values()), errors
@@ -188,6 +189,7 @@ for name, request in bad.items():
     assert "prompt must be a string without special tokens, got 'pick<|image_pad|> up<|im_end|>" in errors[
         "special tokens"]
     assert out["next"] == [[8, 7]] * len(errors) and proc.poll() is None
+    assert out["numpy false"] == ["action", "actions", "server_timing"]  # np.False_ is no reset
 
 
 def test_api_key_is_enforced_at_the_handshake(server, openpi_python, tmp_path):
