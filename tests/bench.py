@@ -458,6 +458,6 @@ def bench_gpu(real=True):
 if __name__ == "__main__":
     what, real = sys.argv[1], "--real" in sys.argv
     {"data": bench_data, "generate": lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8, 32)),
-     "train": lambda: bench_train(real),
-     "tokens": bench_tokens, "libero": bench_libero, "serve": bench_serve, "sim": bench_sim, "lora_params": bench_lora_params,
+     "train": lambda: bench_train(real), "tokens": bench_tokens,
+     "libero": bench_libero, "serve": bench_serve, "sim": bench_sim, "lora_params": bench_lora_params,
      "gpu": lambda: bench_gpu("--cpu" not in sys.argv)}[what]()

@@ -189,10 +189,9 @@ def test_shards_of_other_settings_are_never_one_table(trained_run, tmp_path):
     """Two shards started together with different settings: none of them finished an episode when the other started
     (so neither refuses the dir), and yet no table counts both; each says what it left out."""
     out = tmp_path / "eval"
-    procs = [subprocess.Popen(eval_cmd(trained_run[0] / "final", out, "--num_envs", 1, "--save_video", "false",
-                                       "--shard_id", shard_id, "--num_shards", 2, "--ensemble_window", window),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for shard_id, window in ((0, 8), (1, 1))]
+    cmds = [eval_cmd(trained_run[0] / "final", out, "--num_envs", 1, "--save_video", "false", "--shard_id", shard_id,
+                     "--num_shards", 2, "--ensemble_window", window) for shard_id, window in ((0, 8), (1, 1))]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in cmds]
     outputs = [p.communicate(timeout=600) for p in procs]
     if any(p.returncode for p in procs):  # one started after the other had finished its episode: refused instead
         assert sorted(p.returncode == 0 for p in procs) == [False, True], outputs
