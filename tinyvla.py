@@ -174,6 +174,7 @@ def parse_args(argv=None):
         output_dir="runs/tinyvla", eval_strategy="epoch", save_strategy="epoch", logging_steps=10, report_to="none",
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
         gradient_checkpointing=None,  # TRL's True set a name transformers deprecates (a warning); off unless asked
+        ddp_find_unused_parameters=False,  # every trained weight gets a gradient: no graph walk per step, no warning
         bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())  # so CPU-only machines just work
 
     def parse():  # argparse errors raise (one line) instead of printing usage
@@ -190,8 +191,9 @@ def parse_args(argv=None):
     for name, valid in {"per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",  # TRL's
                         "gradient_accumulation_steps": "[1, inf)", "dataloader_num_workers": "[0, inf)",
                         "learning_rate": "[0, inf)", "max_grad_norm": "[0, inf)", "weight_decay": "[0, inf)"}.items():
-        if not isinstance(getattr(targs, name), (int, float)) or not in_interval(getattr(targs, name), valid):
-            raise TinyVLAError(f"{name} must be in {valid}, got {getattr(targs, name)!r}")
+        value, kind = getattr(targs, name), SFTConfig.__dataclass_fields__[name].type  # int: a yaml's 2.5 is no size
+        if not isinstance(value, int if kind is int else (int, float)) or not in_interval(value, valid):
+            raise TinyVLAError(f"{name} must be {'an integer ' * (kind is int)}in {valid}, got {value!r}")
     if len(dargs.image_keys) not in (1, 2):
         raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
     if eargs.shard_id >= eargs.num_shards:
@@ -199,7 +201,8 @@ def parse_args(argv=None):
     if targs.dataloader_num_workers and targs.dataloader_multiprocessing_context is None:  # workers inherit the
         targs.dataloader_multiprocessing_context = "fork"  # dataset; Python 3.14's default (forkserver) would pickle it
     if not (eargs.eval or eargs.serve):
-        targs.resume_from_checkpoint = resume_point(targs.output_dir, targs.resume_from_checkpoint, targs.max_steps)
+        targs.resume_from_checkpoint = resume_point(targs.output_dir, targs.resume_from_checkpoint, targs.max_steps,
+                                                    targs.num_train_epochs)
     return margs, dargs, eargs, targs
 
 
@@ -211,26 +214,33 @@ def trained_steps(ckpt):
         return None
 
 
-def resume_point(output_dir, resume, max_steps):
-    """--resume_from_checkpoint as a complete checkpoint or None ("last": the newest); never train over a run."""
-    out = Path(output_dir)
+def resume_point(output_dir, resume, max_steps, epochs):
+    """--resume_from_checkpoint as a complete checkpoint or None ("last": the newest; none yet, a new run: so one
+    command starts a job and requeues it); never train over a run, nor on over a finished one."""
+    out, final = Path(output_dir), Path(output_dir, "final")
     if out.is_file():
         raise TinyVLAError(f"output_dir {out} is a file; choose a directory")
     ckpts = sorted((c for c in out.glob("checkpoint-*") if c.name[11:].isdigit()), key=lambda c: int(c.name[11:]))
     if resume == "last":
         resume = next((str(c) for c in reversed(ckpts) if trained_steps(c) is not None), None)
+        if not resume and final.exists():
+            raise TinyVLAError(f"no complete checkpoint in {out} to continue its run from; move that dir away or "
+                               "choose another --output_dir")
+        for c in ckpts[ckpts.index(Path(resume)) + 1 if resume else 0:]:
+            warnings.warn(f"{c} is incomplete (the run was killed while saving it)" + (
+                f": resuming from {resume}" if resume else ""))
         if not resume:
-            raise TinyVLAError(f"no complete checkpoint in {out}; move that dir away or choose another --output_dir")
-        for c in ckpts[ckpts.index(Path(resume)) + 1:]:
-            warnings.warn(f"{c} is incomplete (the run was killed while saving it): resuming from {resume}")
+            warnings.warn(f"no complete checkpoint in {out} yet: starting the run")
     elif resume and trained_steps(resume) is None:
         raise TinyVLAError(f"{resume} is not a complete checkpoint; --resume_from_checkpoint last takes the newest one")
-    elif not resume and (ckpts or (out / "final").exists()):
+    elif not resume and (ckpts or final.exists()):
         raise TinyVLAError(f"{out} already holds a run: continue it (--resume_from_checkpoint last) or move it away")
-    if resume and 0 < max_steps <= trained_steps(resume) and (out / "final" / ACTION_STATS).exists():  # written last
-        raise TinyVLAError(f"{resume} has reached max_steps {max_steps} and {out / 'final'} is saved: nothing left to "
-                           "train (raise --max_steps)")  # without final/ (killed saving it), resuming just saves it
-    return resume
+    if resume and (final / ACTION_STATS).exists():  # written last: the run ended; only a longer one goes on
+        if 0 < max_steps <= trained_steps(resume) or max_steps <= 0 and epochs <= json.loads(
+                (final / RUN_CONFIG).read_text())["train"]["num_train_epochs"]:  # also without a checkpoint at its end
+            length = f"max_steps {max_steps}" if max_steps > 0 else f"num_train_epochs {epochs:g}"
+            raise TinyVLAError(f"{final} is saved and the run has reached {length}: nothing left to train (raise it)")
+    return resume  # without final/ (killed saving it), resuming just saves it
 
 
 def image_pixels(d):
@@ -336,18 +346,27 @@ def video_rows(root, info, key, episodes, times):
     return [(files[ep], where[ep][2] + t) for ep, t in zip(episodes, times)]
 
 
-@lru_cache(maxsize=64)  # per process: a forked DataLoader worker (another pid) opens its own
-def open_video(path, pid):
-    container = av.open(path)
-    container.streams.video[0].thread_count = 1  # no decoder threads: a forked worker freeing them would hang
-    return container, container.streams.video[0]
+OPEN_VIDEOS, MAX_OPEN_VIDEOS = {}, 64  # (path, pid): container, oldest first. v2.x has a file per episode and camera
+
+
+def open_video(path):  # per process: a forked DataLoader worker (another pid) opens its own
+    container = OPEN_VIDEOS.pop((path, os.getpid()), None)
+    if container is None:
+        container = av.open(path)
+        container.streams.video[0].thread_count = 1  # no decoder threads: a forked worker freeing them would hang
+    OPEN_VIDEOS[path, os.getpid()] = container  # the newest now
+    for (old, pid), c in list(OPEN_VIDEOS.items())[:-MAX_OPEN_VIDEOS]:  # closed, as a dropped one stays open (its
+        del OPEN_VIDEOS[old, pid]  # stream refers back to it) until a garbage collection: "Too many open files"
+        if pid == os.getpid():  # not one inherited from the parent process: that is the parent's to close
+            c.close()
+    return container
 
 
 def video_frame(path, t, fps):
     """Frame round(t * fps) of a video (PyAV), checked by its own timestamp: a neighbour is never returned."""
     want = round(t * fps)
     try:
-        container, stream = open_video(path, os.getpid())
+        stream = (container := open_video(path)).streams.video[0]
         container.seek(round(want / fps / stream.time_base), stream=stream)  # the nearest keyframe at or before it
         frame = next((f for f in container.decode(stream) if f.time >= (want - 0.5) / fps), None)
     except av.FFmpegError as err:
@@ -1156,10 +1175,18 @@ def train_summary(trainer, final):
 
 def train(m, d, e, targs):
     final = Path(targs.output_dir) / "final"
-    trainer = make_trainer(m, d, e, targs)
+    trainer, resume = make_trainer(m, d, e, targs), targs.resume_from_checkpoint
+    if resume and (Path(resume) / ACTION_STATS).exists():  # go on with the task the checkpoint learned, or not at all
+        saved, stats = json.loads(Path(resume, RUN_CONFIG).read_text())["data"], json.loads(Path(
+            resume, ACTION_STATS).read_text())
+        changed = [f"{k} {saved[k]!r} (now {v!r})" for k, v in asdict(d).items() if saved.get(k, v) != v and
+                   k != "repo_id"] + ["the action bounds or tasks (the dataset changed)"] * (  # a moved dir: same data
+            {k: trainer.stats.get(k) for k in stats} != stats)
+        if changed:
+            raise TinyVLAError(f"{resume} was trained on other data or settings: {', '.join(changed)}; resume with "
+                               "the same ones, or start a new run in another --output_dir")
     if trainer.is_world_process_zero():
         save_run_info(targs.output_dir, trainer.run_config, trainer.stats)
-    resume = targs.resume_from_checkpoint
     if resume and 0 < targs.max_steps <= trained_steps(resume):  # stopped while saving final/: save it (the Trainer
         trainer._load_from_checkpoint(resume)  # would take a step more, so it does not run)
         trainer.state = TrainerState.load_from_json(str(Path(resume, "trainer_state.json")))

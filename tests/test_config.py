@@ -1,5 +1,6 @@
 """Config precedence (defaults < yaml < CLI), rejection of unknown keys and bad types, one-line errors."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -67,6 +68,7 @@ def test_repo_config_yaml_is_the_reference_recipe():
     ({"image_keys": [1, 2]}, "image_keys must be a list of str"),
     ({"learning_rate": "fast"}, "learning_rate"),
     ({"learning_rate": [1]}, "learning_rate must be in [0, inf), got [1]"),
+    ({"per_device_train_batch_size": 2.5}, r"per_device_train_batch_size must be an integer in \[1, inf\), got 2.5"),
     ({"ensemble_version": True}, "ensemble_version must be one of 1, 2, got True"),
     ({"dtype": "int8"}, "dtype must be one of 'bfloat16', 'float16', 'float32', got 'int8'"),
 ])
@@ -113,7 +115,7 @@ BAD_INPUTS = [  # (flags, what the one line must say); each is checked before an
     (["--num_bins", "0"], "num_bins must be in [1, 9999], got 0"),
     (["--img_size", "0"], "img_size must be in [28, inf), got 0"),
     (["--crop_ratio", "0"], "crop_ratio must be in (0, 1], got 0"),
-    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be in [1, inf), got 0"),
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be an integer in [1, inf), got 0"),
     (["--dtype", "float64x"], "argument --dtype: invalid choice: 'float64x'"),
     (["--num_envs", "0"], "num_envs must be in [1, inf), got 0"),
     (["--episodes_per_task", "0"], "episodes_per_task must be in [1, inf), got 0"),
@@ -123,7 +125,7 @@ BAD_INPUTS = [  # (flags, what the one line must say); each is checked before an
     (["--ensemble_window", "0"], "ensemble_window must be in [1, inf), got 0"),
     (["--image_keys", "a", "b", "c"], "image_keys takes one or two camera features"),
     (["--image_keys", "image", "state"], "image_keys ['state'] of {dataset} are not cameras (dtype image or video)"),
-    (["--dataloader_num_workers", "-1"], "dataloader_num_workers must be in [0, inf), got -1"),
+    (["--dataloader_num_workers", "-1"], "dataloader_num_workers must be an integer in [0, inf), got -1"),
     (["--config", "{bad_yaml}"], "while parsing"),
     (["--config", "{missing}"], "No such file"),
     (["--resume_from_checkpoint", "{missing}"], "is not a complete checkpoint"),
@@ -178,10 +180,27 @@ def test_action_horizon_longer_than_the_chunks_is_one_line(trained_run, tmp_path
     assert not (tmp_path / "eval").exists()
 
 
-def test_resume_last_without_a_complete_checkpoint_is_one_line(tmp_path, recwarn):
-    (tmp_path / "run/checkpoint-2").mkdir(parents=True)  # killed during its first save
-    with pytest.raises(tinyvla.TinyVLAError, match="no complete checkpoint in .* move that dir away"):
-        tinyvla.parse_args(["--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", "last"])
-    with pytest.raises(tinyvla.TinyVLAError, match="already holds a run"):
-        tinyvla.parse_args(["--output_dir", str(tmp_path / "run")])
-    assert not [w for w in recwarn if "resuming from" in str(w.message)]  # nothing to resume from: no such warning
+def test_resume_last_starts_a_job_and_requeues_it_but_never_trains_over_a_run(tmp_path, recwarn):
+    """One command (--resume_from_checkpoint last) starts a run in a new dir or one holding only a torn checkpoint,
+    and continues it after a preemption; a finished run (final/ saved at its length, in steps or epochs) is refused."""
+    run = tmp_path / "run"
+    targs = tinyvla.parse_args(["--output_dir", str(run), "--resume_from_checkpoint", "last"])[3]
+    assert targs.resume_from_checkpoint is None and not run.exists()
+    (run / "checkpoint-2").mkdir(parents=True)  # killed during its first save
+    assert tinyvla.resume_point(run, "last", -1, 3) is None
+    assert {f"no complete checkpoint in {run} yet: starting the run", f"{run / 'checkpoint-2'} is incomplete (the "
+            "run was killed while saving it)"} <= {str(w.message) for w in recwarn}
+    with pytest.raises(tinyvla.TinyVLAError, match="already holds a run"):  # without the flag: refused
+        tinyvla.parse_args(["--output_dir", str(run)])
+    (run / "checkpoint-2/trainer_state.json").write_text('{"global_step": 2}')  # complete; the run ended at 3 epochs
+    (run / "final").mkdir()
+    (run / "final" / tinyvla.RUN_CONFIG).write_text('{"train": {"num_train_epochs": 3.0}}')
+    (run / "final" / tinyvla.ACTION_STATS).write_text("{}")
+    for max_steps, epochs, length in [(-1, 3, "num_train_epochs 3"), (2, 3, "max_steps 2")]:
+        with pytest.raises(tinyvla.TinyVLAError, match=f"final is saved and the run has reached {length}: nothing"):
+            tinyvla.resume_point(run, "last", max_steps, epochs)
+    assert tinyvla.resume_point(run, "last", -1, 4) == tinyvla.resume_point(run, "last", 3, 3) == str(
+        run / "checkpoint-2")  # a longer run goes on
+    shutil.rmtree(run / "checkpoint-2")  # final/ but no checkpoint (save_strategy no): nothing to continue from
+    with pytest.raises(tinyvla.TinyVLAError, match="no complete checkpoint in .* to continue its run from"):
+        tinyvla.resume_point(run, "last", -1, 4)

@@ -1,6 +1,7 @@
 """End to end: the real entry point trains the tiny model (full FT, LoRA, 2 processes, real tokenizer)."""
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,7 +142,8 @@ def test_kill_during_save_resumes_from_the_last_complete_checkpoint(tiny_model, 
     assert all(torch.equal(v, weights(complete)[k]) for k, v in weights(out / "final").items())
     r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *final_again], capture_output=True, text=True,
                        timeout=300)
-    assert r.returncode != 0 and f"{complete} has reached max_steps {step}" in r.stderr.splitlines()[-1]
+    assert r.returncode != 0 and f"{out / 'final'} is saved and the run has reached max_steps {step}: nothing left" \
+        in r.stderr.splitlines()[-1]
     # one more step: final/ is one step from `complete`, and `step` + 1 from the base model
     r = run_cli(*args, "--resume_from_checkpoint", "last", "--max_steps", step + 1)
     assert f"{partial} is incomplete" in r.stderr
@@ -214,17 +216,43 @@ def test_v3_layout_trains(tiny_model, dataset_v3, tmp_path):
     assert re.search(r"\| val parse rate / mae / mse \(last generation eval\) \| 1 / [\d.]+ / [\d.]+ \|", table)
 
 
-def test_two_process_cpu_run(tiny_model, dataset_v2, tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_two_process_cpu_run(lora, tiny_model, dataset_v2, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "tinyvla.py"), *train_args(tiny_model, dataset_v2, out, "--eval_strategy", "no")]
+           str(ROOT / "tinyvla.py"), *train_args(tiny_model, dataset_v2, out, "--eval_strategy", "no", "--use_lora",
+                                                 lora)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "find_unused_parameters" not in r.stderr  # DDP is told every trained weight gets a gradient (it does)
     # both ranks consumed data: an epoch is ceil(n / (2 per device x 2 processes)) steps, of which 4 were taken
     epochs = [float(x) for x in re.findall(r"'epoch': '([0-9.]+)'", r.stdout + r.stderr)]
     n_train = len(tinyvla.build_datasets(tinyvla.DataArgs(repo_id=str(dataset_v2)), seed=42)[0])
     assert epochs and abs(epochs[-1] - 4 / -(-n_train // 4)) < 1e-3, (epochs, n_train)
-    assert (out / "final/model.safetensors").exists() and (out / "final" / tinyvla.ACTION_STATS).exists()
+    assert (out / "final" / ("adapter_model.safetensors" if lora else "model.safetensors")).exists()
+    assert (out / "final" / tinyvla.ACTION_STATS).exists()
+
+
+def test_resume_on_other_data_or_settings_is_one_line(tiny_model, tmp_path):
+    """A resumed run goes on with the task its checkpoint learned: not with a grown dataset (new action bounds, another
+    split) nor another horizon; a moved copy of the same data is fine."""
+    data, out = tiny.make_dataset(tmp_path / "data", episodes=4, length=(6, 8)), tmp_path / "run"
+    args = train_args(tiny_model, data, out, "--max_steps", 2, "--save_strategy", "steps", "--save_steps", 2,
+                      "--eval_strategy", "no")
+    run_cli(*args)
+    grown = tiny.make_dataset(tmp_path / "grown", episodes=6, length=(6, 8))
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    for extra, message in [(["--horizon", 4], "horizon 8 (now 4)"),
+                           (["--repo_id", grown], "the action bounds or tasks (the dataset changed)")]:
+        r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args, "--resume_from_checkpoint", "last",
+                            "--max_steps", "4", *map(str, extra)], capture_output=True, text=True, timeout=300)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and last.startswith(f"tinyvla: error: {out / 'checkpoint-2'} was trained on other "
+                                                     "data or settings: ") and message in last, last
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing written
+    moved = shutil.copytree(data, tmp_path / "moved")
+    run_cli(*args, "--resume_from_checkpoint", "last", "--max_steps", 4, "--repo_id", moved)
+    assert (out / "checkpoint-4").exists()
 
 
 @needs_shared

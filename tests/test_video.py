@@ -3,6 +3,7 @@ own file offsets), loud failures for anything else, and an own-robot dataset (D 
 trained end to end through the CLI."""
 import gc
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -80,6 +81,17 @@ def test_dataloader_workers_read_many_videos_in_random_order(tmp_path):
                                          generator=torch.Generator().manual_seed(0))  # hangs: timeout error
     seen = [(row, frames) for row, frames in loader]
     assert len(seen) == len(train) and all(list(map(tuple, f)) == [(row, 0), (row, 1)] for row, f in seen)
+    # and here, with no garbage collection in between: a file leaving the cache is closed, not left open
+    open_files = lambda: len(os.listdir("/proc/self/fd"))
+    gc.collect()
+    gc.disable()
+    try:
+        before = open_files()
+        for row in train.rows:
+            train.frames(row)
+        assert open_files() - before <= tinyvla.MAX_OPEN_VIDEOS  # of 80 files read ("Too many open files", later)
+    finally:
+        gc.enable()
 
 
 def test_a_bad_frame_met_in_a_dataloader_worker_is_one_line(video_datasets, tiny_model, tmp_path):
