@@ -1190,6 +1190,8 @@ def train(m, d, e, targs):
     if resume and 0 < targs.max_steps <= trained_steps(resume):  # stopped while saving final/: save it (the Trainer
         trainer._load_from_checkpoint(resume)  # would take a step more, so it does not run)
         trainer.state = TrainerState.load_from_json(str(Path(resume, "trainer_state.json")))
+        if targs.load_best_model_at_end and trainer.state.best_model_checkpoint:  # as the end of train() would
+            trainer._load_best_model()
     else:
         trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(final))

@@ -109,6 +109,23 @@ def test_load_best_model_at_end_with_sparse_epoch_checkpoints(tiny_model, tmp_pa
     assert all(torch.equal(v, best[k]) for k, v in final.items()), losses
 
 
+def test_finishing_a_run_killed_while_saving_final_loads_the_best_model(tiny_model, dataset_v2, tmp_path):
+    """load_best_model_at_end: final/ is the best checkpoint, also when a resume only has final/ left to save."""
+    out = tmp_path / "run"
+    args = train_args(tiny_model, dataset_v2, out, "--eval_strategy", "steps", "--eval_steps", 2, "--save_strategy",
+                      "steps", "--save_steps", 2, "--load_best_model_at_end", "true", "--gen_eval_every", 0)
+    run_cli(*args)
+    state_file = out / "checkpoint-4/trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["best_model_checkpoint"] = str(out / "checkpoint-2")  # as if step 2 had the lower val loss
+    state_file.write_text(json.dumps(state))
+    (out / "final" / tinyvla.ACTION_STATS).unlink()  # killed while saving final/ (the stats go last)
+    run_cli(*args, "--resume_from_checkpoint", "last")
+    final, best, last = weights(out / "final"), weights(out / "checkpoint-2"), weights(out / "checkpoint-4")
+    assert all(torch.equal(v, best[k]) for k, v in final.items()) and any(
+        not torch.equal(v, last[k]) for k, v in final.items())
+
+
 def test_kill_during_save_resumes_from_the_last_complete_checkpoint(tiny_model, dataset_v2, tmp_path):
     out = tmp_path / "run"
     args = train_args(tiny_model, dataset_v2, out, "--max_steps", 500, "--save_strategy", "steps", "--save_steps", 1,
