@@ -936,7 +936,7 @@ def episode_list(e):
 def weights_id(model_dir):
     """A fingerprint of a checkpoint's weights: 16 windows of each weights file (training changes every tensor)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin")):
+    for path in sorted(p for pattern in ("*.safetensors", "*model*.bin") for p in Path(model_dir).glob(pattern)):
         with open(path, "rb") as f:
             for k in range(16):
                 f.seek(path.stat().st_size * k // 16)

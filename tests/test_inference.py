@@ -332,3 +332,19 @@ def test_a_checkpoint_trained_with_flash_attention_loads_without_it(trained_run,
     policy = tinyvla.Policy(ckpt, device="cpu")
     assert policy.model.config._attn_implementation == "sdpa"
     assert policy(observations(1), [tiny.TASKS[0]]).shape == (1, 8, 7)
+
+
+def test_weights_id_fingerprints_the_weights_only(tmp_path):
+    """What the eval's results record: another .safetensors or .bin weights file is another id; the training args
+    saved beside them (training_args.bin) are no weights."""
+    (tmp_path / "model.safetensors").write_bytes(b"a" * 100_000)
+    (tmp_path / "training_args.bin").write_bytes(b"x")
+    first = tinyvla.weights_id(tmp_path)
+    (tmp_path / "training_args.bin").write_bytes(b"y")
+    assert tinyvla.weights_id(tmp_path) == first
+    (tmp_path / "model.safetensors").unlink()
+    ids = set()
+    for content in (b"a", b"b"):
+        (tmp_path / "pytorch_model.bin").write_bytes(content * 100_000)
+        ids.add(tinyvla.weights_id(tmp_path))
+    assert len(ids) == 2
