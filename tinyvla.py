@@ -192,7 +192,8 @@ def parse_args(argv=None):
                         "gradient_accumulation_steps": "[1, inf)", "dataloader_num_workers": "[0, inf)",
                         "learning_rate": "[0, inf)", "max_grad_norm": "[0, inf)", "weight_decay": "[0, inf)"}.items():
         value, kind = getattr(targs, name), SFTConfig.__dataclass_fields__[name].type  # int: a yaml's 2.5 is no size
-        if not isinstance(value, int if kind is int else (int, float)) or not in_interval(value, valid):
+        if not isinstance(value, int if kind is int else (int, float)) or isinstance(value, bool) or not in_interval(
+                value, valid):
             raise TinyVLAError(f"{name} must be {'an integer ' * (kind is int)}in {valid}, got {value!r}")
     if len(dargs.image_keys) not in (1, 2):
         raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
@@ -236,8 +237,9 @@ def resume_point(output_dir, resume, max_steps, epochs):
     elif not resume and (ckpts or final.exists()):
         raise TinyVLAError(f"{out} already holds a run: continue it (--resume_from_checkpoint last) or move it away")
     if resume and (final / ACTION_STATS).exists():  # written last: the run ended; only a longer one goes on
-        if 0 < max_steps <= trained_steps(resume) or max_steps <= 0 and epochs <= json.loads(
-                (final / RUN_CONFIG).read_text())["train"]["num_train_epochs"]:  # also without a checkpoint at its end
+        done = json.loads((final / RUN_CONFIG).read_text())["train"]  # epochs: may have no checkpoint at its end
+        if 0 < max_steps <= trained_steps(resume) or max(max_steps, done["max_steps"]) <= 0 and epochs <= done[
+                "num_train_epochs"]:
             length = f"max_steps {max_steps}" if max_steps > 0 else f"num_train_epochs {epochs:g}"
             raise TinyVLAError(f"{final} is saved and the run has reached {length}: nothing left to train (raise it)")
     return resume  # without final/ (killed saving it), resuming just saves it
@@ -543,7 +545,8 @@ def load_model(model_id, m, d, device=None):
         model = AutoModelForImageTextToText.from_pretrained(base, dtype=getattr(torch, m.dtype),
                                                             attn_implementation=m.attn_implementation)
     except (OSError, ValueError, ImportError) as err:  # ImportError: flash_attention_2 without flash-attn, say
-        raise TinyVLAError(f"cannot load model {base!r} ({str(err).splitlines()[0]}); check --model_id") from None
+        raise TinyVLAError(f"cannot load model {base!r} ({str(err).splitlines()[0]}); check --" + (
+            "attn_implementation" if isinstance(err, ImportError) else "model_id")) from None
     if adapter.exists():
         model = PeftModel.from_pretrained(model, model_id).merge_and_unload()
     return (model.to(device) if device else model), processor
@@ -1050,9 +1053,10 @@ def evaluate_libero(ckpt, e, policy=None):
     status = f"{len(merged)} of {len(all_episodes)} episodes finished, over the {e.num_shards} shard(s) in {out_dir}" \
         + (f"; {len(found) - len(merged)} of other settings or weights left out" if len(found) > len(merged) else "")
     table = table if len(merged) == len(all_episodes) else f"**Incomplete: {status}**\n\n{table}"  # not to publish
-    (out_dir / "results.md").write_text(table + "\n")
-    (out_dir / "results.json").write_text(json.dumps({"finished": len(merged), "expected": len(all_episodes),
-                                                      "per_suite": summary, "episodes": merged}, indent=2))
+    for name, text in (("results.md", table + "\n"), ("results.json", json.dumps({"finished": len(merged), "expected":
+            len(all_episodes), "per_suite": summary, "episodes": merged}, indent=2))):  # whole: shards end together
+        (out_dir / f".{name}.{os.getpid()}").write_text(text)
+        os.replace(out_dir / f".{name}.{os.getpid()}", out_dir / name)
     print(f"{table}\n{status}")
     print(f"{env_steps} env steps, {queries} policy queries in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} "
           f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}, "
@@ -1181,7 +1185,7 @@ def train(m, d, e, targs):
             resume, ACTION_STATS).read_text())
         changed = [f"{k} {saved[k]!r} (now {v!r})" for k, v in asdict(d).items() if saved.get(k, v) != v and
                    k != "repo_id"] + ["the action bounds or tasks (the dataset changed)"] * (  # a moved dir: same data
-            {k: trainer.stats.get(k) for k in stats} != stats)
+            any(trainer.stats[k] != stats[k] for k in ("global", "tasks") if k in stats))
         if changed:
             raise TinyVLAError(f"{resume} was trained on other data or settings: {', '.join(changed)}; resume with "
                                "the same ones, or start a new run in another --output_dir")
@@ -1190,10 +1194,12 @@ def train(m, d, e, targs):
     if resume and 0 < targs.max_steps <= trained_steps(resume):  # stopped while saving final/: save it (the Trainer
         trainer._load_from_checkpoint(resume)  # would take a step more, so it does not run)
         trainer.state = TrainerState.load_from_json(str(Path(resume, "trainer_state.json")))
-        if targs.load_best_model_at_end and trainer.state.best_model_checkpoint:  # as the end of train() would
+        if targs.load_best_model_at_end and os.path.isdir(trainer.state.best_model_checkpoint or ""):  # as train()
             trainer._load_best_model()
     else:
         trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():  # final/ counts as saved once saved again (a longer run rewrites it)
+        (final / ACTION_STATS).unlink(missing_ok=True)
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         print(train_summary(trainer, final))

@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from importlib.util import find_spec
 
 import pytest
 import yaml
@@ -69,6 +70,7 @@ def test_repo_config_yaml_is_the_reference_recipe():
     ({"learning_rate": "fast"}, "learning_rate"),
     ({"learning_rate": [1]}, "learning_rate must be in [0, inf), got [1]"),
     ({"per_device_train_batch_size": 2.5}, r"per_device_train_batch_size must be an integer in \[1, inf\), got 2.5"),
+    ({"gradient_accumulation_steps": True}, r"gradient_accumulation_steps must be an integer in \[1, inf\), got True"),
     ({"ensemble_version": True}, "ensemble_version must be one of 1, 2, got True"),
     ({"dtype": "int8"}, "dtype must be one of 'bfloat16', 'float16', 'float32', got 'int8'"),
 ])
@@ -133,6 +135,8 @@ BAD_INPUTS = [  # (flags, what the one line must say); each is checked before an
     (["--repo_id", "{truncated}"], "is not a readable parquet file"),
     (["--repo_id", "{nan_actions}"], "actions is NaN or inf in 1 frames, the first in episode 2 frame 5"),
     (["--repo_id", "{missing}"], "is neither a local dir nor a hub repo that could be downloaded"),
+    *[(["--attn_implementation", "flash_attention_2"], "check --attn_implementation")] * (  # where it is missing
+        find_spec("flash_attn") is None),
 ]
 
 
@@ -194,13 +198,15 @@ def test_resume_last_starts_a_job_and_requeues_it_but_never_trains_over_a_run(tm
         tinyvla.parse_args(["--output_dir", str(run)])
     (run / "checkpoint-2/trainer_state.json").write_text('{"global_step": 2}')  # complete; the run ended at 3 epochs
     (run / "final").mkdir()
-    (run / "final" / tinyvla.RUN_CONFIG).write_text('{"train": {"num_train_epochs": 3.0}}')
+    (run / "final" / tinyvla.RUN_CONFIG).write_text('{"train": {"num_train_epochs": 3.0, "max_steps": -1}}')
     (run / "final" / tinyvla.ACTION_STATS).write_text("{}")
     for max_steps, epochs, length in [(-1, 3, "num_train_epochs 3"), (2, 3, "max_steps 2")]:
         with pytest.raises(tinyvla.TinyVLAError, match=f"final is saved and the run has reached {length}: nothing"):
             tinyvla.resume_point(run, "last", max_steps, epochs)
     assert tinyvla.resume_point(run, "last", -1, 4) == tinyvla.resume_point(run, "last", 3, 3) == str(
         run / "checkpoint-2")  # a longer run goes on
+    (run / "final" / tinyvla.RUN_CONFIG).write_text('{"train": {"num_train_epochs": 3.0, "max_steps": 2}}')
+    assert tinyvla.resume_point(run, "last", -1, 3) == str(run / "checkpoint-2")  # it ended at 2 steps, not 3 epochs
     shutil.rmtree(run / "checkpoint-2")  # final/ but no checkpoint (save_strategy no): nothing to continue from
     with pytest.raises(tinyvla.TinyVLAError, match="no complete checkpoint in .* to continue its run from"):
         tinyvla.resume_point(run, "last", -1, 4)

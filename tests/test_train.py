@@ -101,10 +101,10 @@ def test_best_model_reload_restores_the_saved_weights(trained_run):
 def test_load_best_model_at_end_with_sparse_epoch_checkpoints(tiny_model, tmp_path):
     """save_every_epochs 2 skips odd epochs' checkpoints, but never the best one: final/ is the lowest val loss."""
     data, out = tiny.make_dataset(tmp_path / "data", episodes=3, length=(6, 8)), tmp_path / "run"
-    run_cli(*train_args(tiny_model, data, out, "--max_steps", -1, "--num_train_epochs", 3, "--save_every_epochs", 2,
-                        "--load_best_model_at_end", "true", "--gen_eval_every", 0, "--learning_rate", 1e-3))
-    state = json.loads(max(out.glob("checkpoint-*/trainer_state.json"), key=lambda f: f.stat().st_mtime).read_text())
-    losses = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h]
+    r = run_cli(*train_args(tiny_model, data, out, "--max_steps", -1, "--num_train_epochs", 3, "--save_every_epochs",
+                            2, "--load_best_model_at_end", "true", "--gen_eval_every", 0, "--learning_rate", 1e-3))
+    losses = [float(x) for x in re.findall(r"'eval_loss': '([0-9.e+-]+)'", r.stdout + r.stderr)]
+    assert len(losses) == 3 and losses.index(min(losses)) != 1, losses  # the best epoch is one not saved by the rule
     final, best = weights(out / "final"), weights(out / "best")
     assert all(torch.equal(v, best[k]) for k, v in final.items()), losses
 
@@ -124,6 +124,22 @@ def test_finishing_a_run_killed_while_saving_final_loads_the_best_model(tiny_mod
     final, best, last = weights(out / "final"), weights(out / "checkpoint-2"), weights(out / "checkpoint-4")
     assert all(torch.equal(v, best[k]) for k, v in final.items()) and any(
         not torch.equal(v, last[k]) for k, v in final.items())
+
+
+def test_a_longer_run_that_dies_saving_final_is_finished_by_resuming(tiny_model, dataset_v2, tmp_path):
+    """final/ of the shorter run is rewritten in place: until the new one is whole it must not count as saved."""
+    out = tmp_path / "run"
+    args = train_args(tiny_model, dataset_v2, out, "--max_steps", 2, "--save_strategy", "steps", "--save_steps", 2,
+                      "--eval_strategy", "no")
+    run_cli(*args)
+    blocker = out / "final/model.safetensors"
+    blocker.unlink()
+    blocker.mkdir()  # the weights cannot be written: the longer run dies saving final/, as if killed there
+    longer = [sys.executable, str(ROOT / "tinyvla.py"), *args, "--resume_from_checkpoint", "last", "--max_steps", "4"]
+    assert subprocess.run(longer, capture_output=True, text=True, timeout=300).returncode != 0
+    blocker.rmdir()
+    run_cli(*longer[2:])  # the same command again: final/ saved from checkpoint-4, not refused as finished
+    assert all(torch.equal(v, weights(out / "checkpoint-4")[k]) for k, v in weights(out / "final").items())
 
 
 def test_kill_during_save_resumes_from_the_last_complete_checkpoint(tiny_model, dataset_v2, tmp_path):
