@@ -947,6 +947,11 @@ def weights_id(model_dir):
     return digest.hexdigest()[:16]
 
 
+def write_whole(path, text):  # a reader, another shard or a kill never meets it half written
+    (tmp := path.with_name(f".{path.name}.{os.getpid()}")).write_text(text)
+    os.replace(tmp, path)
+
+
 def read_results(*paths):
     """The finished episodes in results files, each once; a half-written last line (killed, still writing) is not."""
     texts = [path.read_text() if path.exists() else "" for path in paths]
@@ -990,8 +995,7 @@ def evaluate_libero(ckpt, e, policy=None):
     except BlockingIOError:
         raise TinyVLAError(f"another eval is writing {results_file}: wait for it, or use another --eval_dir") from None
     results = read_results(results_file)  # from an earlier run of this shard: skipped now
-    results_file.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in results))
-    os.replace(results_file.with_suffix(".tmp"), results_file)  # duplicates, a torn line gone; a kill here loses none
+    write_whole(results_file, "".join(json.dumps(r) + "\n" for r in results))  # duplicates, a torn line gone
     finished = {episode_key(r) for r in results}
     pending = deque(ep for ep in all_episodes[e.shard_id::e.num_shards] if episode_key(ep) not in finished)
     ctx, n, todo = mp.get_context("spawn"), min(e.num_envs, len(pending)), len(pending)
@@ -1053,10 +1057,9 @@ def evaluate_libero(ckpt, e, policy=None):
     status = f"{len(merged)} of {len(all_episodes)} episodes finished, over the {e.num_shards} shard(s) in {out_dir}" \
         + (f"; {len(found) - len(merged)} of other settings or weights left out" if len(found) > len(merged) else "")
     table = table if len(merged) == len(all_episodes) else f"**Incomplete: {status}**\n\n{table}"  # not to publish
-    for name, text in (("results.md", table + "\n"), ("results.json", json.dumps({"finished": len(merged), "expected":
-            len(all_episodes), "per_suite": summary, "episodes": merged}, indent=2))):  # whole: shards end together
-        (out_dir / f".{name}.{os.getpid()}").write_text(text)
-        os.replace(out_dir / f".{name}.{os.getpid()}", out_dir / name)
+    write_whole(out_dir / "results.md", table + "\n")
+    write_whole(out_dir / "results.json", json.dumps({"finished": len(merged), "expected": len(all_episodes),
+                                                      "per_suite": summary, "episodes": merged}, indent=2))
     print(f"{table}\n{status}")
     print(f"{env_steps} env steps, {queries} policy queries in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} "
           f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}, "
