@@ -476,7 +476,8 @@ def build_datasets(d, seed):
     train_rows = np.flatnonzero(np.isin(episodes, ep_ids[n_val:]))
     val_rows = np.flatnonzero(np.isin(episodes, ep_ids[:n_val]))
     stats = {"global": {"lo": actions[train_rows].min(0).tolist(), "hi": actions[train_rows].max(0).tolist()},
-             "tasks": sorted(set(tasks[train_rows]))}  # the instructions it was trained on: the server tells clients
+             "tasks": sorted(set(tasks[train_rows])),  # the instructions it was trained on: the server tells clients
+             "val_episodes": sorted(ep_ids[:n_val].tolist())}  # held out: a resume must hold out the same ones
     videos = {k: video_rows(root, info, k, episodes.tolist(), meta["timestamp"][order].tolist()) for k in d.image_keys
               if info["features"][k]["dtype"] == "video"}  # row r of these (and of table) is row r of the arrays
     table = ds.select_columns([k for k in d.image_keys if k not in videos]).select(order)
@@ -1187,8 +1188,8 @@ def train(m, d, e, targs):
         saved, stats = json.loads(Path(resume, RUN_CONFIG).read_text())["data"], json.loads(Path(
             resume, ACTION_STATS).read_text())
         changed = [f"{k} {saved[k]!r} (now {v!r})" for k, v in asdict(d).items() if saved.get(k, v) != v and
-                   k != "repo_id"] + ["the action bounds or tasks (the dataset changed)"] * (  # a moved dir: same data
-            any(trainer.stats[k] != stats[k] for k in ("global", "tasks") if k in stats))
+                   k != "repo_id"] + ["the action bounds, tasks or val episodes (new data or --seed)"] * (  # moved: same
+            any(trainer.stats[k] != stats[k] for k in ("global", "tasks", "val_episodes") if k in stats))
         if changed:
             raise TinyVLAError(f"{resume} was trained on other data or settings: {', '.join(changed)}; resume with "
                                "the same ones, or start a new run in another --output_dir")

@@ -267,16 +267,23 @@ def test_two_process_cpu_run(lora, tiny_model, dataset_v2, tmp_path):
 
 
 def test_resume_on_other_data_or_settings_is_one_line(tiny_model, tmp_path):
-    """A resumed run goes on with the task its checkpoint learned: not with a grown dataset (new action bounds, another
-    split) nor another horizon; a moved copy of the same data is fine."""
-    data, out = tiny.make_dataset(tmp_path / "data", episodes=4, length=(6, 8)), tmp_path / "run"
+    """A resumed run goes on with the task its checkpoint learned: not with a grown dataset (new action bounds; or the
+    same bounds and tasks but other val episodes), another --seed (another split) nor another horizon; a moved copy
+    of the same data is fine."""
+    make = lambda name, n, same: tiny.make_dataset(tmp_path / name, episodes=n, length=(6, 8), task_actions=same)
+    data, out = make("data", 8, True), tmp_path / "run"  # every task in train: the bounds are the tasks' actions
     args = train_args(tiny_model, data, out, "--max_steps", 2, "--save_strategy", "steps", "--save_steps", 2,
                       "--eval_strategy", "no")
     run_cli(*args)
-    grown = tiny.make_dataset(tmp_path / "grown", episodes=6, length=(6, 8))
+    grown, same_bounds = make("grown", 10, False), make("same_bounds", 12, True)
+    d = lambda repo, seed=42: tinyvla.build_datasets(tinyvla.DataArgs(repo_id=str(repo)), seed)[2]
+    assert {k: v for k, v in d(same_bounds).items() if k != "val_episodes"} == {
+        k: v for k, v in d(data).items() if k != "val_episodes"}  # so only the held-out episodes tell them apart
+    assert d(data, seed=7)["val_episodes"] != d(data)["val_episodes"]
     before = sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*"))
-    for extra, message in [(["--horizon", 4], "horizon 8 (now 4)"),
-                           (["--repo_id", grown], "the action bounds or tasks (the dataset changed)")]:
+    changed = "the action bounds, tasks or val episodes (new data or --seed)"
+    for extra, message in [(["--horizon", 4], "horizon 8 (now 4)"), (["--repo_id", grown], changed),
+                           (["--repo_id", same_bounds], changed), (["--seed", 7], changed)]:
         r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args, "--resume_from_checkpoint", "last",
                             "--max_steps", "4", *map(str, extra)], capture_output=True, text=True, timeout=300)
         last = r.stderr.strip().splitlines()[-1]
