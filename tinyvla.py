@@ -1188,8 +1188,9 @@ def train(m, d, e, targs):
         saved, stats = json.loads(Path(resume, RUN_CONFIG).read_text())["data"], json.loads(Path(
             resume, ACTION_STATS).read_text())
         changed = [f"{k} {saved[k]!r} (now {v!r})" for k, v in asdict(d).items() if saved.get(k, v) != v and
-                   k != "repo_id"] + ["the action bounds, tasks or val episodes (new data or --seed)"] * (  # moved: same
-            any(trainer.stats[k] != stats[k] for k in ("global", "tasks", "val_episodes") if k in stats))
+                   k != "repo_id"]  # a moved copy of the data is fine: its stats are the same
+        changed += ["the action bounds, tasks or val episodes (new data or --seed)"] * any(
+            trainer.stats[k] != stats[k] for k in ("global", "tasks", "val_episodes") if k in stats)
         if changed:
             raise TinyVLAError(f"{resume} was trained on other data or settings: {', '.join(changed)}; resume with "
                                "the same ones, or start a new run in another --output_dir")
