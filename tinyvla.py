@@ -662,13 +662,13 @@ def static_cache(model, batch, size):
 
 
 @torch.no_grad()
-def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=False):
+def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=False, compiled=None):
     """Greedy decoding under the grammar, each pass also fed the tokens known to come next: forced (the only one the
     grammar allows) or drafted (drafts: per row its expected answer's numbers, followed number by number). A row keeps
     them up to the first its own greedy choice differs from: plain greedy's answers in fewer passes. Slots a row did
     not keep stay in the cache masked out; positions (Qwen's M-RoPE) count kept tokens. static: every pass the same
-    shapes (width slots, a static KV cache of room for a pass per answer token), compiled (CUDA graphs) on a GPU.
-    -> (answers, passes)"""
+    shapes (width slots, a static KV cache of room for a pass per answer token), compiled (CUDA graphs) on a GPU
+    (compiled: True or False anywhere). -> (answers, passes)"""
     g, dev, (b, n) = grammar, model.device, inputs["input_ids"].shape
     ids, bias = torch.cat([g.ids, torch.tensor([pad_id])]).to(dev), g.bias.to(dev)  # class 12: an empty slot
     allowed = g.bias.isfinite()
@@ -689,7 +689,8 @@ def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=Fal
     if static:  # reused, emptied: CUDA graphs replay on the tensors they recorded (new ones would record anew)
         (cache := static_cache(model, b, size)).reset()
     out = model(**inputs, past_key_values=cache if static else None, use_cache=True, logits_to_keep=1)  # [B, 1, V]
-    step = model.get_compiled_call(CompileConfig()) if static and dev.type == "cuda" else model  # prefill: eager
+    compiled = static and (dev.type == "cuda" if compiled is None else compiled)  # the steps; prefill: eager
+    step = model.get_compiled_call(CompileConfig()) if compiled else model
     cache, mask, passes, texts = out.past_key_values, inputs["attention_mask"], 1, [""] * b
     position = getattr(model, "get_base_model", lambda: model)().model.rope_deltas[:, 0] + mask.sum(1)  # next token's
     choice = greedy(out.logits[:, -1:], [[""]] * b)[:, 0].tolist()  # each row's next class

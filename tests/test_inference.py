@@ -232,6 +232,26 @@ def test_static_decoder_is_plain_greedy_in_fixed_shapes(noisy):
         assert np.array_equal(again, plain) and tinyvla.static_cache.cache_info().hits == hits + 1  # reused, emptied
 
 
+def test_compiled_static_decoder_is_one_graph_and_plain_greedy(noisy):
+    """What a GPU runs of --decoder static: its decode step compiled (torch.compile; CUDA graphs on a GPU, the CPU's
+    inductor here). One graph, no graph break, compiled once for every call of a shape (a compile per call would cost
+    more than it saves), and the uncompiled decoder's answers token for token (those are generate()'s, above)."""
+    from torch._dynamo.utils import counters
+    model, col, stats, obs, tasks = noisy
+    inputs = col.prompts([{"images": o, "task": t} for o, t in zip(obs[:4], tasks[:4])], tinyvla.PROMPT_BUCKET)
+    decode = lambda compiled: tinyvla.speculative_decode(model, inputs, tinyvla.ActionGrammar(
+        col.processor.tokenizer, 56, 1000), col.pad_id, [[]] * 4, 2, static=True, compiled=compiled)
+    plain = decode(False)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert decode(True) == plain and decode(True) == plain
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters)
+    finally:  # the compiled graph holds the static cache's tensors
+        tinyvla.static_cache.cache_clear()
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("batch", [1, 5])
 def test_speculative_decoding_is_plain_greedy_in_fewer_passes(noisy, batch):
     """The speculative decoder returns generate()'s greedy actions whatever it is fed: one token per pass (width 1),
