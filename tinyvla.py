@@ -65,6 +65,7 @@ TOKENS_PER_NUMBER = 5  # answer length bound: up to 4 digits ("1000"), then a sp
 PROMPT_BUCKET = 64  # decoder static: prompts are left-padded to a multiple of this, so few shapes get compiled
 CLASS_CHARS = "0123456789 $"  # the grammar's token classes as text: digits, the space, "$" for END_TOKEN
 episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an episode in LIBERO eval results
+STANDARD_PROTOCOL = {"task_ids": [], "episodes_per_task": 50, "episode_max_steps": 0}  # every task, the suite's limit
 EVAL_SETUP = ("action_horizon", "ensemble_window", "ensemble_version", "ensemble_weight", "episode_max_steps")
 
 
@@ -1052,16 +1053,23 @@ def evaluate_libero(ckpt, e, policy=None):
         proc.join(timeout=30)  # each worker has read EOF: it closes its simulator and exits
     elapsed, queries = time.time() - (batcher.since or time.time()), batcher.served
     wanted = {episode_key(ep) for ep in all_episodes}  # this eval's episodes, each counted once over all shards
+    merge_lock = open(out_dir / ".results.lock", "w")  # shards ending together: the last to write has read them all
+    fcntl.flock(merge_lock, fcntl.LOCK_EX)
     found = [r for r in read_results(*sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")))
              if episode_key(r) in wanted]
     merged = [r for r in found if r.get("setup") == setup]  # not those of a shard started with other settings
     table, summary = results_table(merged)  # every shard's finished episodes: the last shard to end sees them all
     status = f"{len(merged)} of {len(all_episodes)} episodes finished, over the {e.num_shards} shard(s) in {out_dir}" \
         + (f"; {len(found) - len(merged)} of other settings or weights left out" if len(found) > len(merged) else "")
-    table = table if len(merged) == len(all_episodes) else f"**Incomplete: {status}**\n\n{table}"  # not to publish
+    subset = [f"{k} {getattr(e, k)}" for k, v in STANDARD_PROTOCOL.items() if getattr(e, k) != v]
+    notes = [f"**Incomplete: {status}**"] * (len(merged) < len(all_episodes))  # tables not to publish say so first
+    notes += [f"**Not LIBERO's standard protocol ({', '.join(subset)}): no suite score to compare**"] * bool(subset)
+    table = "\n\n".join([*notes, table])
     write_whole(out_dir / "results.md", table + "\n")
     write_whole(out_dir / "results.json", json.dumps({"finished": len(merged), "expected": len(all_episodes),
-                                                      "per_suite": summary, "episodes": merged}, indent=2))
+                                                      "not_standard": subset, "per_suite": summary, "episodes":
+                                                      merged}, indent=2))
+    merge_lock.close()
     print(f"{table}\n{status}")
     print(f"{env_steps} env steps, {queries} policy queries in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} "
           f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}, "

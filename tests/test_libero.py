@@ -41,7 +41,9 @@ def test_eval_writes_results_table_videos_and_skips_finished(trained_run, tmp_pa
     assert frames.shape == (4, 256, 512, 3)  # agent view and wrist side by side, one frame per step
     table = (out / "results.md").read_text()
     assert "| libero_object | 0: pick up the alphabet soup" in table and "0.0%" in table
-    assert json.loads((out / "results.json").read_text())["per_suite"] == {"libero_object": 0.0}
+    final = json.loads((out / "results.json").read_text())
+    assert final["per_suite"] == {"libero_object": 0.0} and final["not_standard"] == [
+        "task_ids [0]", "episodes_per_task 2", "episode_max_steps 4"]
     assert "8 env steps, 8 policy queries in" in r.stdout and "policy queries/s" in r.stdout
     assert re.search(r"[\d.]+ forward passes per policy call \(speculative decoder\)", r.stdout)
     # the same command again: nothing left to run, nothing counted twice
@@ -180,8 +182,9 @@ def test_shards_end_with_one_combined_table(trained_run, tmp_path):
     assert any("2 of 2 episodes finished" in stdout for stdout, _ in outputs)
     final = json.loads((out / "results.json").read_text())
     assert sorted(x["episode"] for x in final["episodes"]) == [0, 1] and final["finished"] == final["expected"] == 2
-    assert (out / "results.md").read_text().startswith(
-        "| suite | task | episodes | success |\n|---|---|---|---|\n"
+    assert (out / "results.md").read_text().startswith(  # a task's 2 episodes of 4 steps: no suite score
+        "**Not LIBERO's standard protocol (task_ids [0], episodes_per_task 2, episode_max_steps 4): no suite score to "
+        "compare**\n\n| suite | task | episodes | success |\n|---|---|---|---|\n"
         "| libero_object | 0: pick up the alphabet soup and place it in the basket | 2 | 0.0% |")
 
 
