@@ -239,8 +239,8 @@ def resume_point(output_dir, resume, max_steps, epochs):
         raise TinyVLAError(f"{out} already holds a run: continue it (--resume_from_checkpoint last) or move it away")
     if resume and (final / ACTION_STATS).exists():  # written last: the run ended; only a longer one goes on
         done = json.loads((final / RUN_CONFIG).read_text())["train"]  # epochs: may have no checkpoint at its end
-        if 0 < max_steps <= trained_steps(resume) or max(max_steps, done["max_steps"]) <= 0 and epochs <= done[
-                "num_train_epochs"]:
+        if 0 < max_steps <= max(trained_steps(resume), done["max_steps"]) or max(max_steps, done["max_steps"]) <= 0 \
+                and epochs <= done["num_train_epochs"]:  # its last checkpoint may lie before the end
             length = f"max_steps {max_steps}" if max_steps > 0 else f"num_train_epochs {epochs:g}"
             raise TinyVLAError(f"{final} is saved and the run has reached {length}: nothing left to train (raise it)")
     return resume  # without final/ (killed saving it), resuming just saves it

@@ -207,6 +207,10 @@ def test_resume_last_starts_a_job_and_requeues_it_but_never_trains_over_a_run(tm
         run / "checkpoint-2")  # a longer run goes on
     (run / "final" / tinyvla.RUN_CONFIG).write_text('{"train": {"num_train_epochs": 3.0, "max_steps": 2}}')
     assert tinyvla.resume_point(run, "last", -1, 3) == str(run / "checkpoint-2")  # it ended at 2 steps, not 3 epochs
+    (run / "final" / tinyvla.RUN_CONFIG).write_text('{"train": {"num_train_epochs": 3.0, "max_steps": 5}}')
+    with pytest.raises(tinyvla.TinyVLAError, match="reached max_steps 5: nothing"):  # its last checkpoint is step 2
+        tinyvla.resume_point(run, "last", 5, 3)
+    assert tinyvla.resume_point(run, "last", 6, 3) == str(run / "checkpoint-2")
     shutil.rmtree(run / "checkpoint-2")  # final/ but no checkpoint (save_strategy no): nothing to continue from
     with pytest.raises(tinyvla.TinyVLAError, match="no complete checkpoint in .* to continue its run from"):
         tinyvla.resume_point(run, "last", -1, 4)
