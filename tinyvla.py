@@ -54,6 +54,8 @@ END_TOKEN = "<|im_end|>"  # Qwen's end of turn: supervised after the answer, and
 MASK_CHAR = "?"  # digit-mask augmentation writes this in place of hidden digits
 IGNORE_INDEX = -100
 RUN_CONFIG, ACTION_STATS = "tinyvla_config.json", "action_stats.json"
+RESUME_MAY_CHANGE = ("model_id", "repo_id", "attn_implementation")  # where weights and data lie (moved: the stats
+# tell the same data), the kernel; a resume with any other model or data setting changed is refused
 REF_STATS = "dataset_stats.pkl"  # VLA-0's reference code pickles its action bounds beside the model dir
 # Language-model projections only: the plain names would also hit the vision tower's MLP (model.visual.*).
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -1162,9 +1164,27 @@ def serve_policy(ckpt, e):
 
 
 # ----------------------------------------------------------------------------- main
+def check_resume(resume, m, d, stats):
+    """A resume goes on with the task its checkpoint learned, or not at all: the same model and data settings, and
+    data of the same action bounds, tasks and val episodes."""
+    if not (Path(resume) / ACTION_STATS).exists():
+        return
+    saved, before_stats = (json.loads(Path(resume, f).read_text()) for f in (RUN_CONFIG, ACTION_STATS))
+    now, before = {**asdict(m), **asdict(d)}, {**saved["model"], **saved["data"]}
+    changed = [f"{k} {before[k]!r} (now {v!r})" for k, v in now.items() if before.get(k, v) != v and k not in
+               RESUME_MAY_CHANGE and (m.use_lora or not k.startswith("lora_"))]
+    changed += ["the action bounds, tasks or val episodes (new data or --seed)"] * any(
+        stats[k] != before_stats[k] for k in ("global", "tasks", "val_episodes") if k in before_stats)
+    if changed:
+        raise TinyVLAError(f"{resume} was trained on other data or settings: {', '.join(changed)}; resume with the "
+                           "same ones, or start a new run in another --output_dir")
+
+
 def make_trainer(m, d, e, targs):
     """Datasets, model (LoRA-wrapped by TRL when use_lora) and the trainer for a parsed config."""
     train_ds, val_ds, stats = build_datasets(d, targs.seed)
+    if targs.resume_from_checkpoint:  # before the model loads and the Trainer makes output_dir
+        check_resume(targs.resume_from_checkpoint, m, d, stats)
     if val_ds is None:  # val_ratio 0, or a single episode
         targs.eval_strategy = "no"
         if d.val_ratio > 0:
@@ -1193,16 +1213,6 @@ def train_summary(trainer, final):
 def train(m, d, e, targs):
     final = Path(targs.output_dir) / "final"
     trainer, resume = make_trainer(m, d, e, targs), targs.resume_from_checkpoint
-    if resume and (Path(resume) / ACTION_STATS).exists():  # go on with the task the checkpoint learned, or not at all
-        saved, stats = json.loads(Path(resume, RUN_CONFIG).read_text())["data"], json.loads(Path(
-            resume, ACTION_STATS).read_text())
-        changed = [f"{k} {saved[k]!r} (now {v!r})" for k, v in asdict(d).items() if saved.get(k, v) != v and
-                   k != "repo_id"]  # a moved copy of the data is fine: its stats are the same
-        changed += ["the action bounds, tasks or val episodes (new data or --seed)"] * any(
-            trainer.stats[k] != stats[k] for k in ("global", "tasks", "val_episodes") if k in stats)
-        if changed:
-            raise TinyVLAError(f"{resume} was trained on other data or settings: {', '.join(changed)}; resume with "
-                               "the same ones, or start a new run in another --output_dir")
     if trainer.is_world_process_zero():
         save_run_info(targs.output_dir, trainer.run_config, trainer.stats)
     if resume and 0 < targs.max_steps <= trained_steps(resume):  # stopped while saving final/: save it (the Trainer

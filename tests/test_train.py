@@ -74,6 +74,12 @@ def test_resume_restores_the_saved_weights(lora, tiny_model, dataset_v2, tmp_pat
         r = subprocess.run(again, capture_output=True, text=True, timeout=300)
         assert r.returncode != 0 and "already holds a run" in r.stderr.splitlines()[-1]
         assert (first / "final/model.safetensors").stat().st_mtime_ns == before
+    if lora:  # the adapter's settings are the run's: another alpha would rescale what it learned
+        other = [sys.executable, str(ROOT / "tinyvla.py"), *train_args(
+            tiny_model, dataset_v2, resumed, *args, "--resume_from_checkpoint", first / "checkpoint-4", "--lora_alpha",
+            128)]
+        r = subprocess.run(other, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and "lora_alpha 64 (now 128)" in r.stderr.splitlines()[-1] and not resumed.exists()
     # the linear schedule ended at lr 0, and the optimizer state restores it: the one more step (max_steps 5) changes
     # nothing, so final/ must be exactly checkpoint-4
     run_cli(*train_args(tiny_model, dataset_v2, resumed, *args, "--resume_from_checkpoint", first / "checkpoint-4",
@@ -282,7 +288,8 @@ def test_resume_on_other_data_or_settings_is_one_line(tiny_model, tmp_path):
     assert d(data, seed=7)["val_episodes"] != d(data)["val_episodes"]
     before = sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*"))
     changed = "the action bounds, tasks or val episodes (new data or --seed)"
-    for extra, message in [(["--horizon", 4], "horizon 8 (now 4)"), (["--repo_id", grown], changed),
+    for extra, message in [(["--horizon", 4], "horizon 8 (now 4)"), (["--use_lora", "true"], "use_lora False"),
+                           (["--repo_id", grown], changed),
                            (["--repo_id", same_bounds], changed), (["--seed", 7], changed)]:
         r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args, "--resume_from_checkpoint", "last",
                             "--max_steps", "4", *map(str, extra)], capture_output=True, text=True, timeout=300)
