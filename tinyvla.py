@@ -1087,8 +1087,11 @@ def to_wire(x):  # openpi's msgpack-numpy: an array travels as a map of its byte
 
 
 def from_wire(x):  # and a numpy scalar as its dtype and value ({"reset": np.True_}, say)
-    return np.ndarray(x[b"shape"], np.dtype(x[b"dtype"]), x[b"data"]) if b"__ndarray__" in x else \
-        np.dtype(x[b"dtype"]).type(x[b"data"]) if b"__npgeneric__" in x else x
+    if b"__ndarray__" not in x and b"__npgeneric__" not in x:
+        return x
+    if (dtype := np.dtype(x[b"dtype"])).hasobject:  # its bytes would be read as pointers: a crash on first use
+        raise ValueError(f"an array of dtype {dtype} cannot be sent, only numbers")
+    return np.ndarray(x[b"shape"], dtype, x[b"data"]) if b"__ndarray__" in x else dtype.type(x[b"data"])
 
 
 def request_images(obs, keys, crop_ratio, specials=()):
@@ -1134,7 +1137,10 @@ def serve_policy(ckpt, e):
             for message in ws:
                 try:
                     obs = msgpack.unpackb(message, object_hook=from_wire)
-                    if isinstance(obs, dict) and obs.get("reset"):  # the next episode: ensembled apart
+                    reset = obs.get("reset", False) if isinstance(obs, dict) else False
+                    if not isinstance(reset, (bool, np.bool_)):  # "false" is no reason to drop the episode
+                        raise ValueError(f"reset must be true or false, got {reset!r}")
+                    if reset:  # the next episode: ensembled apart
                         ensembler.chunks.clear()
                         t, chunk = 0, None
                         ws.send(msgpack.packb({"reset": True}))
