@@ -737,7 +737,9 @@ def predict(model, collator, stats, images, tasks, decoder="speculative", drafts
     n = d.horizon * len(lo)
     grammar = ActionGrammar(tok, n, d.num_bins)
     if decoder != "generate":
-        drafts = [[] if c is None else actions_to_text(c, lo, hi, d.num_bins).split() for c in drafts or [None] * b]
+        usable = lambda c: c is not None and np.shape(c)[-1:] == lo.shape and np.isfinite(c).all()  # else no draft
+        drafts = [actions_to_text(np.asarray(c), lo, hi, d.num_bins).split() if usable(c) else [] for c in (
+            [None] * b if drafts is None else list(drafts))]  # a [B, H, D] array (the policy's own output) too
         texts, passes = speculative_decode(model, inputs, grammar, collator.pad_id, [*drafts, *drafts[-1:] * pad],
                                            width, static)
     else:  # set every field: generate() fills unset ones from Qwen's generation_config (sampling, penalty 1.05)

@@ -262,7 +262,8 @@ def test_speculative_decoding_is_plain_greedy_in_fewer_passes(noisy, batch):
     plain, _, generate_passes = tinyvla.predict(model, col, stats, obs, tasks, "generate")
     runs = {"width 1": (1, None), "forced tokens, width 2": (2, None), "forced tokens, width 8": (8, None),
             "exact draft": (16, list(plain)), "previous-chunk draft": (16, [tinyvla.draft(c, 1) for c in plain]),
-            "wrong draft": (16, [1 - c for c in plain])}
+            "wrong draft": (16, [1 - c for c in plain]), "the actions array as draft": (16, plain),
+            "unusable drafts (NaN, 6 dims)": (16, [np.full((8, 7), np.nan), np.zeros((8, 6)), *plain[2:]][:batch])}
     passes = {"generate": generate_passes}
     for name, (width, drafts) in runs.items():
         actions, ok, passes[name] = tinyvla.predict(model, col, stats, obs, tasks, "speculative", drafts, width)
