@@ -24,7 +24,6 @@ from argparse import ArgumentError
 from collections import deque
 from contextlib import suppress
 from concurrent.futures import Future
-from functools import lru_cache
 from operator import itemgetter
 from dataclasses import asdict, dataclass, field, fields
 from importlib.util import find_spec
@@ -659,9 +658,13 @@ class ActionGrammar(LogitsProcessor):
         return self.done if part.endswith("$") else 1 + int(part) if part else 0, int(text.count(" ") >= self.n - 1)
 
 
-@lru_cache(maxsize=8)  # one per model and shape (a cache takes its batch size from its first use), reused
 def static_cache(model, batch, size):
-    return StaticCache(config=model.config, max_cache_len=size)
+    """A static KV cache per shape, reused (CUDA graphs replay on the tensors they recorded; a cache takes its batch
+    size from its first use); kept on the model, so it goes when the model goes."""
+    caches = vars(model).setdefault("static_caches", {})
+    if (batch, size) not in caches:
+        caches[batch, size] = StaticCache(config=model.config, max_cache_len=size)
+    return caches[batch, size]
 
 
 @torch.no_grad()

@@ -227,9 +227,26 @@ def test_static_decoder_is_plain_greedy_in_fixed_shapes(noisy):
         (batch, prompt, _, cache), steps = shapes[0], set(shapes[1:])
         assert batch == 4 and prompt % tinyvla.PROMPT_BUCKET == 0 and cache == "StaticCache"
         assert len(steps) == 1 and next(iter(steps))[:2] == (4, width)  # one shape: compiled once
-        hits = tinyvla.static_cache.cache_info().hits
+        caches = dict(model.static_caches)
         again, _, _ = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "static", drafts, width)
-        assert np.array_equal(again, plain) and tinyvla.static_cache.cache_info().hits == hits + 1  # reused, emptied
+        assert np.array_equal(again, plain) and model.static_caches == caches  # the same cache reused, emptied
+
+
+def test_static_caches_go_with_their_model(tiny_model):
+    """A sweep loads checkpoint after checkpoint: the static decoder's caches must not keep the earlier ones alive."""
+    import gc
+    import weakref
+    import tiny
+    d = tinyvla.DataArgs()
+    model, processor = tinyvla.load_model(str(tiny_model), tinyvla.ModelArgs(dtype="float32"), d, "cpu")
+    images = [tinyvla.prepare_images(o, d) for o in observations(1)]
+    tinyvla.predict(model.eval(), tinyvla.Collator(processor, d, 7), {"global": {"lo": [0.0] * 7, "hi": [1.0] * 7}},
+                    images, [tiny.TASKS[0]], "static")
+    assert model.static_caches
+    freed = weakref.ref(model)
+    del model
+    gc.collect()
+    assert freed() is None
 
 
 def test_compiled_static_decoder_is_one_graph_and_plain_greedy(noisy):
@@ -248,7 +265,7 @@ def test_compiled_static_decoder_is_one_graph_and_plain_greedy(noisy):
         assert decode(True) == plain and decode(True) == plain
         assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters)
     finally:  # the compiled graph holds the static cache's tensors
-        tinyvla.static_cache.cache_clear()
+        del model.static_caches
         torch._dynamo.reset()
 
 
