@@ -347,7 +347,27 @@ def video_rows(root, info, key, episodes, times):
     missing = sorted({files[ep] for ep in set(episodes) if not Path(files[ep]).exists()})
     if missing:
         raise TinyVLAError(f"video files of {key} are missing ({len(missing)}, e.g. {missing[0]}); download them again")
-    return [(files[ep], where[ep][2] + t) for ep, t in zip(episodes, times)]
+    rows, last = [(files[ep], where[ep][2] + t) for ep, t in zip(episodes, times)], {}
+    for path, t in rows:  # each file's header (about 1 ms): a torn or shifted video fails now, not hours into a run
+        last[path] = max(t, last.get(path, 0.0))
+    for path, t in last.items():
+        check_video(path, t, info["fps"])
+    return rows
+
+
+def check_video(path, t, fps):
+    """The video starts at 0 s and lasts to t (the last frame the dataset reads in it), by its header."""
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            start = float((stream.start_time or 0) * stream.time_base)
+            end = start + float(stream.duration * stream.time_base) if stream.duration else \
+                container.duration / av.time_base if container.duration else math.inf
+    except (av.FFmpegError, IndexError) as err:  # IndexError: no video stream
+        raise TinyVLAError(f"{path} is not a readable video ({err}); download it again") from None
+    if abs(start) > 0.5 / fps or t > end + 0.5 / fps:
+        raise TinyVLAError(f"{path} holds {start:.3f}-{end:.3f}s of video, but the dataset reads it from 0 to {t:.3f}s"
+                           ": a cut or shifted file; download or re-encode it")
 
 
 OPEN_VIDEOS, MAX_OPEN_VIDEOS = {}, 64  # (path, pid): container, oldest first. v2.x has a file per episode and camera
@@ -374,7 +394,8 @@ def video_frame(path, t, fps):
         container.seek(round(want / fps / stream.time_base), stream=stream)  # the nearest keyframe at or before it
         frame = next((f for f in container.decode(stream) if f.time >= (want - 0.5) / fps), None)
     except av.FFmpegError as err:
-        raise TinyVLAError(f"cannot decode {path} ({err}); re-encode the videos as AV1 or h264") from None
+        raise TinyVLAError(f"cannot decode {path} ({err}): a damaged file (download it again) or a codec this PyAV "
+                           "lacks (re-encode the videos as AV1 or h264)") from None
     if frame is None or abs(frame.time * fps - want) > 0.5:
         raise TinyVLAError(f"{path} has no frame at {want / fps:.3f}s (frame {want}" + (
             f", the next is at {frame.time:.3f}s" if frame else "") + "): it does not match the dataset's timestamps")

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import av
 import numpy as np
 import pytest
 from test_config import snapshot
@@ -49,9 +50,9 @@ def test_each_row_gets_its_own_frame_from_each_camera(layout, codec, video_datas
 
 def test_a_video_whose_timestamps_do_not_match_fails_loudly(video_datasets, tmp_path):
     """Episode 0's wrist video re-encoded at 5 fps (the dataset says 10): frame 1 is not there, and its neighbour
-    must not be returned instead."""
+    must not be returned instead. (4 s of video: as long as the episode, so the check at load passes.)"""
     data = shutil.copytree(video_datasets["v2.1", "h264"], tmp_path / "data")
-    frames = [tiny.frame_pixels(i, 1, 64, 64, np.random.default_rng(0)) for i in range(0, 12, 2)]
+    frames = [tiny.frame_pixels(i, 1, 64, 64, np.random.default_rng(0)) for i in range(0, 40, 2)]
     tiny.write_video(data / "videos/chunk-000/wrist_image/episode_000000.mp4", frames, 5, "h264")
     train, val, _ = tinyvla.build_datasets(data_args(data, "v2.1", val_ratio=0.0), seed=0)
     assert tiny.read_frame_index(train.frames(2, ["wrist_image"])[0]) == (2, 1)  # frame 2 exists at 0.2 s
@@ -117,6 +118,15 @@ def test_bad_video_datasets_are_one_line_before_anything_is_written(video_datase
     data = cases["codec"] = shutil.copytree(source, work / "codec")
     for f in data.glob("videos/observation.images.image/*/*.mp4"):  # a codec no decoder knows: avc1 renamed
         f.write_bytes(f.read_bytes().replace(b"avc1", b"zzzz"))
+    for name, start, keep in (("short", 0, slice(0, -3)), ("shifted", 2, slice(None))):  # its last frames lost; a
+        data = cases[name] = shutil.copytree(source, work / name)  # copy with timestamps 2 frames late
+        video = data / "videos/observation.images.image/chunk-000/file-000.mp4"
+        with av.open(str(video)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        tiny.write_video(video, frames[keep], 10, "h264", start)
+    data = cases["torn"] = shutil.copytree(source, work / "torn")  # an interrupted copy
+    video = data / "videos/observation.images.image/chunk-000/file-000.mp4"
+    video.write_bytes(video.read_bytes()[:video.stat().st_size // 2])
     data = cases["camera"] = shutil.copytree(source, work / "camera")
     data = cases["nan"] = shutil.copytree(source, work / "nan")
     import pyarrow.parquet as pq
@@ -126,6 +136,10 @@ def test_bad_video_datasets_are_one_line_before_anything_is_written(video_datase
     pq.write_table(pq.read_table(path).from_pydict(table, schema=pq.read_schema(path)), path)
     expected = {"missing": r"video files of observation.images.image2 are missing \(1, e.g. .*file-001.mp4\); download",
                 "codec": r"cannot decode .*observation.images.image/chunk-000/file-000.mp4 .*re-encode the videos",
+                "short": r"file-000.mp4 holds 0.000-\d\.\d{3}s of video, but the dataset reads it from 0 to "
+                         r"\d\.\d{3}s: a cut or shifted file; download or re-encode it",
+                "shifted": r"file-000.mp4 holds 0.200-\d\.\d{3}s of video, but the dataset reads it from 0 to",
+                "torn": r"file-000.mp4 is not a readable video \(.+\); download it again",
                 "camera": r"has no feature \['observation.images.wrist'\] \(it has \[.*'observation.images.image2'",
                 "nan": r"action is NaN or inf in 1 frames, the first in episode 4 frame 3"}
     for name, message in expected.items():

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +116,9 @@ def read_frame_index(img):
     return bits >> 1, bits & 1
 
 
-def write_video(path, frames, fps, codec):
-    """Encode HWC uint8 frames as lerobot does (yuv420p, a keyframe every 2 frames for AV1), timestamps i / fps."""
+def write_video(path, frames, fps, codec, start=0):
+    """Encode HWC uint8 frames as lerobot does (yuv420p, a keyframe every 2 frames for AV1), timestamps i / fps
+    (start: (start + i) / fps, a shifted copy)."""
     import av
     os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder prints its settings (20 lines per file) unless told so
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,8 +127,10 @@ def write_video(path, frames, fps, codec):
             "g": "12", "crf": "23"}  # h264: a longer group of pictures, so a seek decodes forward to the frame
         stream = container.add_stream("libsvtav1" if codec == "av1" else "h264", rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
-        for img in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        for i, img in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = start + i, Fraction(1, fps)
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
 
 
