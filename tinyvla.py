@@ -53,6 +53,8 @@ END_TOKEN = "<|im_end|>"  # Qwen's end of turn: supervised after the answer, and
 MASK_CHAR = "?"  # digit-mask augmentation writes this in place of hidden digits
 IGNORE_INDEX = -100
 RUN_CONFIG, ACTION_STATS = "tinyvla_config.json", "action_stats.json"
+UNUSED_TRL = {"max_length": None, "packing": False, "padding_free": False, "pad_to_multiple_of": None,  # SFTConfig's
+              "completion_only_loss": None, "assistant_only_loss": False, "chat_template_path": None}  # batching: unset
 RESUME_MAY_CHANGE = ("model_id", "repo_id", "attn_implementation")  # where weights and data lie (moved: the stats
 # tell the same data), the kernel; a resume with any other model or data setting changed is refused
 REF_STATS = "dataset_stats.pkl"  # VLA-0's reference code pickles its action bounds beside the model dir
@@ -197,6 +199,9 @@ def parse_args(argv=None):
         if not isinstance(value, int if kind is int else (int, float)) or isinstance(value, bool) or not in_interval(
                 value, valid):
             raise TinyVLAError(f"{name} must be {'an integer ' * (kind is int)}in {valid}, got {value!r}")
+    if unused := [k for k, v in UNUSED_TRL.items() if getattr(targs, k) != v]:
+        raise TinyVLAError(f"{', '.join(unused)}: TinyVLA's collator builds every batch (one token per answer "
+                           "character, prompts never cut), so these SFTConfig batching options would do nothing")
     if len(dargs.image_keys) not in (1, 2):
         raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
     if eargs.shard_id >= eargs.num_shards:
@@ -483,6 +488,8 @@ def build_datasets(d, seed):
     if not_cameras:
         raise TinyVLAError(f"image_keys {not_cameras} of {d.repo_id} are not cameras (dtype image or video): set "
                            "--image_keys")
+    if (kind := info["features"][d.action_key]["dtype"]) in ("image", "video", "string"):
+        raise TinyVLAError(f"action_key {d.action_key!r} of {d.repo_id} is {kind}, not numbers: set --action_key")
     meta = ds.select_columns(["episode_index", "frame_index", "task_index", "timestamp"]).with_format("numpy")[:]
     order = np.lexsort((meta["frame_index"], meta["episode_index"]))
     episodes = meta["episode_index"][order]
