@@ -127,7 +127,7 @@ class DataArgs(Checked):
     repo_id: str = arg("physical-intelligence/libero", "LeRobot dataset: hub id or dir.")
     image_keys: list[str] = arg(["image", "wrist_image"], "Camera features: agent view, then wrist.")
     action_key: str = arg("actions", "Action feature (v3.0 layout: action).")
-    val_ratio: float = arg(0.1, "Fraction of episodes held out for validation.", "[0, 1)")
+    val_ratio: float = arg(0.1, "Fraction of episodes held out for validation (> 0: at least one).", "[0, 1)")
     horizon: int = arg(8, "Actions predicted per observation.", "[1, inf)")
     num_bins: int = arg(1000, "Actions are integers 0..num_bins.", "[1, 9999]")  # 4 digits: TOKENS_PER_NUMBER
     img_size: int = arg(224, "Side of each camera image after crop+resize.", "[28, inf)")  # one 28 px ViT patch
@@ -1160,6 +1160,8 @@ def serve_policy(ckpt, e):
             **{k: getattr(e, k) for k in ("ensemble_window", "ensemble_version", "ensemble_weight")}}
 
     def authorize(connection, request):  # openpi's clients send "Authorization: Api-Key <key>"
+        if request.path == "/healthz":  # as openpi's server: for a load balancer or a robot's startup check
+            return connection.respond(200, "OK\n")
         if e.api_key and request.headers.get("Authorization") != f"Api-Key {e.api_key}":
             return connection.respond(401, "wrong or missing API key\n")
 

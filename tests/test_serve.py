@@ -209,6 +209,10 @@ for name, key in (("missing", None), ("wrong", "nope")):
 """)
     assert out["missing"].startswith("InvalidStatus") and "401" in out["missing"], out
     assert out["wrong"].startswith("InvalidStatus") and "401" in out["wrong"], out
+    import urllib.request
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # not through a proxy the env names
+    with direct.open(f"http://127.0.0.1:{port}/healthz", timeout=30) as health:  # no key needed
+        assert health.status == 200 and health.read() == b"OK\n"
 
 
 def test_concurrent_clients_share_batched_calls(server, policy, openpi_python, tmp_path):
