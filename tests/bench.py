@@ -177,6 +177,11 @@ def bench_generate(real=False, batches=(1, 8, 32), static_batches=(1, 8, 32)):
             print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | {passes:6d} | "
                   f"{first:12.2f} | {t:10.3f} | {1e3 * t / b:11.1f} | {b / t:6.1f}")
             best = max(best, b / t) if not drafted else best  # a real draft saves less: not for the projection
+    if real:  # is the static decoder's step compiled, once per shape? (tests/test_inference.py checks it on CPU)
+        from torch._dynamo.utils import counters
+        shapes = len(static_batches) + 1  # width 2 at each batch size, width 16 at the first
+        print(f"  static's compiled step: {counters['stats']['unique_graphs']} graph(s) for {shapes} shapes (batch, "
+              f"width), graph breaks: {dict(counters['graph_break']) or 'none'}")
     vars(model).pop("static_caches", None)  # the training figures measure memory next
     torch._dynamo.reset()  # and the compiled graphs (CUDA graph memory pools)
     return best
