@@ -53,10 +53,11 @@ END_TOKEN = "<|im_end|>"  # Qwen's end of turn: supervised after the answer, and
 MASK_CHAR = "?"  # digit-mask augmentation writes this in place of hidden digits
 IGNORE_INDEX = -100
 RUN_CONFIG, ACTION_STATS = "tinyvla_config.json", "action_stats.json"
-UNUSED_TRL = {"max_length": None, "packing": False, "padding_free": False, "pad_to_multiple_of": None,  # SFTConfig's
-              "completion_only_loss": None, "assistant_only_loss": False, "chat_template_path": None}  # batching: unset
-RESUME_MAY_CHANGE = ("model_id", "repo_id", "attn_implementation")  # where weights and data lie (moved: the stats
-# tell the same data), the kernel; a resume with any other model or data setting changed is refused
+UNUSED_TRL = ("max_length", "packing", "padding_free", "pad_to_multiple_of", "completion_only_loss",  # SFTConfig's
+              "assistant_only_loss", "chat_template_path")  # batching: TinyVLA's collator builds every batch
+RESUME_MAY_CHANGE = ("model_id", "repo_id", "attn_implementation", "dtype", "lora_dropout", "color_jitter",
+                     "action_mask_aug_pct")  # where weights and data lie (a moved copy: the stats tell), how it
+# computes, its regularisers; a resume with any other model or data setting changed (the task, the adapter) is refused
 REF_STATS = "dataset_stats.pkl"  # VLA-0's reference code pickles its action bounds beside the model dir
 # Language-model projections only: the plain names would also hit the vision tower's MLP (model.visual.*).
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -199,7 +200,7 @@ def parse_args(argv=None):
         if not isinstance(value, int if kind is int else (int, float)) or isinstance(value, bool) or not in_interval(
                 value, valid):
             raise TinyVLAError(f"{name} must be {'an integer ' * (kind is int)}in {valid}, got {value!r}")
-    if unused := [k for k, v in UNUSED_TRL.items() if getattr(targs, k) != v]:
+    if unused := [k for k in UNUSED_TRL if getattr(targs, k) not in (parser.get_default(k), None)]:
         raise TinyVLAError(f"{', '.join(unused)}: TinyVLA's collator builds every batch (one token per answer "
                            "character, prompts never cut), so these SFTConfig batching options would do nothing")
     if len(dargs.image_keys) not in (1, 2):
@@ -370,7 +371,7 @@ def check_video(path, t, fps):
                 container.duration / av.time_base if container.duration else math.inf
     except (av.FFmpegError, IndexError) as err:  # IndexError: no video stream
         raise TinyVLAError(f"{path} is not a readable video ({err}); download it again") from None
-    if abs(start) > 0.5 / fps or t > end + 0.5 / fps:
+    if abs(start) > 0.5 / fps or t + 0.5 / fps > end:  # N frames last N / fps: one frame short is caught too
         raise TinyVLAError(f"{path} holds {start:.3f}-{end:.3f}s of video, but the dataset reads it from 0 to {t:.3f}s"
                            ": a cut or shifted file; download or re-encode it")
 
@@ -1088,23 +1089,24 @@ def evaluate_libero(ckpt, e, policy=None):
         proc.join(timeout=30)  # each worker has read EOF: it closes its simulator and exits
     elapsed, queries = time.time() - (batcher.since or time.time()), batcher.served
     wanted = {episode_key(ep) for ep in all_episodes}  # this eval's episodes, each counted once over all shards
-    merge_lock = open(out_dir / ".results.lock", "w")  # shards ending together: the last to write has read them all
-    fcntl.flock(merge_lock, fcntl.LOCK_EX)
-    found = [r for r in read_results(*sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")))
-             if episode_key(r) in wanted]
-    merged = [r for r in found if r.get("setup") == setup]  # not those of a shard started with other settings
-    table, summary = results_table(merged)  # every shard's finished episodes: the last shard to end sees them all
-    status = f"{len(merged)} of {len(all_episodes)} episodes finished, over the {e.num_shards} shard(s) in {out_dir}" \
-        + (f"; {len(found) - len(merged)} of other settings or weights left out" if len(found) > len(merged) else "")
-    subset = [f"{k} {getattr(e, k)}" for k, v in STANDARD_PROTOCOL.items() if getattr(e, k) != v]
-    notes = [f"**Incomplete: {status}**"] * (len(merged) < len(all_episodes))  # tables not to publish say so first
-    notes += [f"**Not LIBERO's standard protocol ({', '.join(subset)}): no suite score to compare**"] * bool(subset)
-    table = "\n\n".join([*notes, table])
-    write_whole(out_dir / "results.md", table + "\n")
-    write_whole(out_dir / "results.json", json.dumps({"finished": len(merged), "expected": len(all_episodes),
-                                                      "not_standard": subset, "per_suite": summary, "episodes":
-                                                      merged}, indent=2))
-    merge_lock.close()
+    subset = [f"{k} {getattr(e, k)}" for k, v in STANDARD_PROTOCOL.items() if getattr(e, k) not in (
+        v, SUITE_MAX_STEPS.get(e.suite) if k == "episode_max_steps" else v)]  # the suite's own limit, named, is too
+    with open(out_dir / ".results.lock", "w") as lock:  # shards ending together: the last to write read them all
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = [r for r in read_results(*sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")))
+                 if episode_key(r) in wanted]
+        merged = [r for r in found if r.get("setup") == setup]  # not those of a shard started with other settings
+        table, summary = results_table(merged)
+        status = f"{len(merged)} of {len(all_episodes)} episodes finished, over the {e.num_shards} shard(s) in " \
+            f"{out_dir}" + (f"; {len(found) - len(merged)} of other settings or weights left out" if len(found) >
+                            len(merged) else "")
+        notes = [f"**Incomplete: {status}**"] * (len(merged) < len(all_episodes))  # tables not to publish say so
+        notes += [f"**Not LIBERO's standard protocol ({', '.join(subset)}): no suite score to compare**"] * bool(subset)
+        table = "\n\n".join([*notes, table])
+        write_whole(out_dir / "results.md", table + "\n")
+        write_whole(out_dir / "results.json", json.dumps({"finished": len(merged), "expected": len(all_episodes),
+                                                          "not_standard": subset, "per_suite": summary,
+                                                          "episodes": merged}, indent=2))
     print(f"{table}\n{status}")
     print(f"{env_steps} env steps, {queries} policy queries in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} "
           f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}, "
