@@ -69,7 +69,6 @@ TOKENS_PER_NUMBER = 5  # answer length bound: up to 4 digits ("1000"), then a sp
 PROMPT_BUCKET = 64  # decoder static: prompts are left-padded to a multiple of this, so few shapes get compiled
 CLASS_CHARS = "0123456789 $"  # the grammar's token classes as text: digits, the space, "$" for END_TOKEN
 episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an episode in LIBERO eval results
-STANDARD_PROTOCOL = {"task_ids": [], "episodes_per_task": 50, "episode_max_steps": 0}  # every task, the suite's limit
 EVAL_SETUP = ("action_horizon", "ensemble_window", "ensemble_version", "ensemble_weight", "episode_max_steps")
 
 
@@ -1089,17 +1088,17 @@ def evaluate_libero(ckpt, e, policy=None):
         proc.join(timeout=30)  # each worker has read EOF: it closes its simulator and exits
     elapsed, queries = time.time() - (batcher.since or time.time()), batcher.served
     wanted = {episode_key(ep) for ep in all_episodes}  # this eval's episodes, each counted once over all shards
-    subset = [f"{k} {getattr(e, k)}" for k, v in STANDARD_PROTOCOL.items() if getattr(e, k) not in (
-        v, SUITE_MAX_STEPS.get(e.suite) if k == "episode_max_steps" else v)]  # the suite's own limit, named, is too
+    standard = {"task_ids": [[]], "episodes_per_task": [50], "episode_max_steps": [0, SUITE_MAX_STEPS.get(e.suite)]}
+    subset = [f"{k} {getattr(e, k)}" for k, ok in standard.items() if getattr(e, k) not in ok]  # LIBERO's protocol
     with open(out_dir / ".results.lock", "w") as lock:  # shards ending together: the last to write read them all
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = [r for r in read_results(*sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")))
                  if episode_key(r) in wanted]
         merged = [r for r in found if r.get("setup") == setup]  # not those of a shard started with other settings
         table, summary = results_table(merged)
+        left_out = len(found) - len(merged)
         status = f"{len(merged)} of {len(all_episodes)} episodes finished, over the {e.num_shards} shard(s) in " \
-            f"{out_dir}" + (f"; {len(found) - len(merged)} of other settings or weights left out" if len(found) >
-                            len(merged) else "")
+            f"{out_dir}" + (f"; {left_out} of other settings or weights left out" if left_out else "")
         notes = [f"**Incomplete: {status}**"] * (len(merged) < len(all_episodes))  # tables not to publish say so
         notes += [f"**Not LIBERO's standard protocol ({', '.join(subset)}): no suite score to compare**"] * bool(subset)
         table = "\n\n".join([*notes, table])
