@@ -68,6 +68,7 @@ ENV_SEED, CAMERA_RES = 7, 256
 TOKENS_PER_NUMBER = 5  # answer length bound: up to 4 digits ("1000"), then a space or (after the last) the end token
 PROMPT_BUCKET = 64  # decoder static: prompts are left-padded to a multiple of this, so few shapes get compiled
 CLASS_CHARS = "0123456789 $"  # the grammar's token classes as text: digits, the space, "$" for END_TOKEN
+MAX_PROMPT_CHARS = 1000  # served instructions (LIBERO's longest: about 100): a longer one slows its round's clients
 episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an episode in LIBERO eval results
 EVAL_SETUP = ("action_horizon", "ensemble_window", "ensemble_version", "ensemble_weight", "episode_max_steps")
 
@@ -1135,13 +1136,15 @@ def request_images(obs, keys, crop_ratio, specials=()):
     for k in (*keys, "prompt"):
         x = obs.get(k)
         if k == "prompt":
-            ok, want = isinstance(x, str) and not any(t in x for t in specials), "a string without special tokens"
+            ok = isinstance(x, str) and not any(t in x for t in specials) and len(x) <= MAX_PROMPT_CHARS
+            want = f"a string of at most {MAX_PROMPT_CHARS} characters without special tokens"
         else:
             ok = isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and x.shape[2] == 3
             ok, want = ok and min(x.shape[:2]) * crop_ratio >= 1, "an RGB image (HWC uint8 array)"
         if not ok:
-            got = repr(x) if isinstance(x, str) else f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else \
-                type(x).__name__ if k in obs else f"nothing (the request has {sorted(map(str, obs))})"
+            got = (f"{x[:60]!r} ({len(x)} characters)" if isinstance(x, str) else f"{x.dtype} {x.shape}"
+                   if isinstance(x, np.ndarray) else type(x).__name__ if k in obs else
+                   f"nothing (the request has {sorted(map(str, obs))})")
             raise ValueError(f"{k} must be {want}, got {got}")
     return [obs[k] for k in keys]
 
