@@ -646,32 +646,40 @@ class VLATrainer(SFTTrainer):
 # ----------------------------------------------------------------------------- decoding
 class ActionGrammar(LogitsProcessor):
     """Exactly `n` integers in 0..max_value (no leading zeros), single spaces, then the end token: every output parses.
-    A table of the token classes each state allows; a row's state is read from its answer so far (state_of)."""
+    Table-driven, state per sequence on tensors: a few tensor ops per step, whatever the batch or vocab size."""
 
     def __init__(self, tokenizer, n, max_value):
-        self.n, self.done, self.texts = n, max_value + 2, None
+        self.n, self.done, self.state, self.count = n, max_value + 2, None, None
         self.ids = torch.tensor([single_token_id(tokenizer, c) for c in "0123456789 "] + [
-            tokenizer.convert_tokens_to_ids(END_TOKEN)])  # token classes 0-9 digit, 10 space, 11 end
-        self.chars = dict(zip(self.ids.tolist(), CLASS_CHARS))
+            tokenizer.convert_tokens_to_ids(END_TOKEN)])  # token classes 0-9 digit, 10 space, 11 end, 12 anything else
         # states: 0 = before a number, 1 + v = in a number whose value so far is v, done = max_value + 2
+        self.token_class = torch.full((max(len(tokenizer), int(self.ids.max()) + 1),), 12)
+        self.token_class[self.ids] = torch.arange(12)
         done, states = max_value + 2, max_value + 3
         v, d = torch.arange(-1, max_value + 1)[:, None], torch.arange(10)  # v = -1: before a number
-        ok = ((v == -1) | (v > 0)) & (v.clamp(min=0) * 10 + d <= max_value)  # no leading zero, stay in range
+        value = v.clamp(min=0) * 10 + d
+        ok = ((v == -1) | (v > 0)) & (value <= max_value)  # no leading zero, stay in range
         started = (v >= 0).flatten()  # a number has started: it may end with a space, or the end token if last
+        self.next_state = torch.arange(states)[:, None].repeat(1, 13)
+        self.next_state[:-1, :10] = torch.where(ok, value + 1, self.next_state[:-1, :10])
+        self.next_state[:-1, 10:12][started] = torch.tensor([0, done])
         allow = torch.zeros(states, 2, 12, dtype=torch.bool)  # [state, is last number, token class]
         allow[:-1, :, :10] = ok[:, None, :]
         allow[:-1, 0, 10], allow[:-1, 1, 11], allow[done, :, 11] = started, started, True
         self.bias = torch.zeros(allow.shape).masked_fill(~allow, -math.inf)
 
     def __call__(self, input_ids, scores):
-        if self.texts is None:  # first step (one processor per generate call): nothing generated yet
-            self.ids, self.bias = self.ids.to(scores.device), self.bias.to(scores.device)
-            self.texts = [""] * len(input_ids)
-        else:  # each row's answer so far, a character per token (generate() pads ended rows: no character)
-            self.texts = [t + self.chars.get(i, "") for t, i in zip(self.texts, input_ids[:, -1].tolist())]
-        state, last = torch.tensor([self.state_of(t) for t in self.texts], device=scores.device).unbind(-1)
+        if self.state is None:  # first step (one processor per generate call): nothing generated yet
+            for name in ("ids", "token_class", "next_state", "bias"):
+                setattr(self, name, getattr(self, name).to(scores.device))
+            self.state = torch.zeros(len(input_ids), dtype=torch.long, device=scores.device)
+            self.count = torch.zeros_like(self.state)
+        else:
+            cls = self.token_class[input_ids[:, -1]]
+            self.state = self.next_state[self.state, cls]
+            self.count += cls == 10
         out = torch.full_like(scores, -math.inf)
-        out[:, self.ids] = scores[:, self.ids] + self.bias[state, last]
+        out[:, self.ids] = scores[:, self.ids] + self.bias[self.state, (self.count >= self.n - 1).long()]
         return out
 
     def state_of(self, text):  # (state, last number?) after an answer's first characters (CLASS_CHARS)
