@@ -13,8 +13,8 @@
     python tests/bench.py tokens            # a training sample's tokens on LIBERO's instructions (real processor):
                                             # vision, supervised, padding at batch 8/32 (needs ../shared)
     python tests/bench.py gpu               # every GPU figure in one run (train, the 24 GB preset, decoding, the eval
-                                            # projection), then `data` on the host's CPU; tests/gpu_setup.sh
-                                            # prepares what a bare GPU host lacks
+                                            # projection, Liger), then `data` on the host's CPU; --sections
+                                            # generate,data: those alone. tests/gpu_setup.sh prepares the host
 --real uses the real Qwen2.5-VL-3B architecture from ../shared/assets, or $TINYVLA_ASSETS (random weights, bf16;
 for a GPU). `gpu --cpu` runs the same sequence on the tiny model, to check the script itself.
 """
@@ -40,6 +40,15 @@ import tinyvla  # noqa: E402
 TMP = Path(tempfile.mkdtemp(prefix="tinyvla-bench-"))
 ASSETS = Path(os.environ.get("TINYVLA_ASSETS", Path(__file__).resolve().parents[2] / "shared/assets"))
 REAL = ASSETS / "qwen2.5-vl-3b-instruct"
+START = time.time()
+
+
+def over_budget(what):  # gpu: a row starts only within TINYVLA_BENCH_BUDGET_S (420 s: a device call is killed at
+    budget = float(os.environ.get("TINYVLA_BENCH_BUDGET_S", "inf"))  # 600 s); the rows left print this line
+    if time.time() - START > budget:
+        print(f"  {what}: skipped, the {budget:.0f} s budget is spent (TINYVLA_BENCH_BUDGET_S; gpu --sections)")
+        return True
+    return False
 
 
 @lru_cache(maxsize=None)  # one model dir per run: the gpu command saves the random 3B weights once
@@ -50,6 +59,7 @@ def model_dir(real):
     from transformers import AutoConfig, AutoModelForImageTextToText
     out = TMP / "qwen3b"
     shutil.copytree(REAL, out)
+    out.chmod(0o755)  # a copy of a read-only assets dir is read-only: the weights go in next
     with torch.device("cuda"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out), dtype=torch.bfloat16)
     model.save_pretrained(out)
@@ -121,8 +131,9 @@ def bench_generate(real=False, batches=(1, 8, 32), static_batches=(1, 8, 32)):
     tasks = lambda b: [tiny.TASKS[i % 4] for i in range(b)]
     sync = torch.cuda.synchronize if real else (lambda: None)
 
-    def timed(fn, reps):
-        fn()
+    def timed(fn, reps, warm=True):
+        if warm:
+            fn()
         sync()
         t = time.perf_counter()
         for _ in range(reps):
@@ -141,9 +152,9 @@ def bench_generate(real=False, batches=(1, 8, 32), static_batches=(1, 8, 32)):
     free = GenerationConfig(max_new_tokens=n_tok, min_new_tokens=n_tok, do_sample=False, eos_token_id=col.end_id,
                             pad_token_id=col.pad_id)
     reps = 1 if real else 3  # a 3B answer takes seconds: best of 3x3 would cost minutes of device time
-    t_free = min(timed(lambda: model.generate(**inputs, generation_config=free), reps) for _ in range(reps))
-    t_con = min(timed(lambda: model.generate(**inputs, generation_config=con, logits_processor=grammar()), reps)
-                for _ in range(reps))
+    t_free = min(timed(lambda: model.generate(**inputs, generation_config=free), reps, not real) for _ in range(reps))
+    t_con = min(timed(lambda: model.generate(**inputs, generation_config=con, logits_processor=grammar()), reps,
+                      not real) for _ in range(reps))  # real: warm from the call above
     print(f"{'real 3B (bf16, ' + device + ')' if real else 'tiny model (CPU)'}: {n_tok} new tokens at batch 1")
     print(f"  unconstrained {t_free * 1e3:8.1f} ms   constrained {t_con * 1e3:8.1f} ms   "
           f"overhead {100 * (t_con / t_free - 1):+.1f}%")
@@ -161,33 +172,50 @@ def bench_generate(real=False, batches=(1, 8, 32), static_batches=(1, 8, 32)):
     print("  speculative: ours, forced tokens folded into a pass (width 2), and with the exact answer as draft")
     print("  (width 16: the most a draft saves); static: ours in fixed shapes over a static KV cache, compiled on GPU")
     print("  (CUDA graphs; the first call of each batch and width compiles)")
-    print("  decoder     | width | draft | batch | passes | first call s | s per call | ms per obs. | obs./s")
+    print("  decoder     | width | draft | batch | passes | first call s | s per call | ms per obs. | obs./s | "
+          "rows = generate's")
     best, exact = 0.0, {}
     paths = [("generate", 1, False), ("speculative", 2, False), ("speculative", 16, True), ("static", 2, False),
              ("static", 16, True)]
-    for decoder, width, drafted in paths:
-        for b in batches if decoder != "static" else static_batches[:1] if drafted else static_batches:  # compiles
-            o, tk = obs(b), tasks(b)
-            call = lambda: tinyvla.predict(model, col, stats, o, tk, decoder, exact[b] if drafted else None, width)
-            t = time.perf_counter()
-            actions, _, passes = call()
-            sync()
-            first, t = time.perf_counter() - t, timed(call, 1 if real else 2)
-            exact.setdefault(b, list(actions))
-            print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | {passes:6d} | "
-                  f"{first:12.2f} | {t:10.3f} | {1e3 * t / b:11.1f} | {b / t:6.1f}")
-            best = max(best, b / t) if not drafted else best  # a real draft saves less: not for the projection
-    if real:  # is the static decoder's step compiled, once per shape? (tests/test_inference.py checks it on CPU)
-        from torch._dynamo.utils import counters
-        shapes = len(static_batches) + 1  # width 2 at each batch size, width 16 at the first
-        print(f"  static's compiled step: {counters['stats']['unique_graphs']} graph(s) for {shapes} shapes (batch, "
-              f"width), graph breaks: {dict(counters['graph_break']) or 'none'}")
-    vars(model).pop("static_caches", None)  # the training figures measure memory next
-    torch._dynamo.reset()  # and the compiled graphs (CUDA graph memory pools)
+    try:
+        for decoder, width, drafted in paths:
+            for b in batches if decoder != "static" else static_batches[:1] if drafted else static_batches:
+                if over_budget(f"{decoder} width {width} batch {b}") or (drafted and b not in exact):
+                    continue
+                o, tk = obs(b), tasks(b)
+                call = lambda: tinyvla.predict(model, col, stats, o, tk, decoder, exact[b] if drafted else None, width)
+                try:
+                    t = time.perf_counter()
+                    actions, _, passes = call()
+                    sync()
+                    first, t = time.perf_counter() - t, timed(call, 1 if real else 2, not real)  # real: warm now
+                except Exception as err:  # out of memory, or a compile failing: the other rows still run
+                    print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | " + (
+                        "out of memory" if isinstance(err, torch.OutOfMemoryError) else
+                        f"failed: {type(err).__name__}: {str(err)[:300]}"))
+                    continue
+                exact.setdefault(b, list(actions))  # generate's, the first path: what every other must equal
+                same = sum(np.array_equal(a, e) for a, e in zip(actions, exact[b]))
+                print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | {passes:6d} | "
+                      f"{first:12.2f} | {t:10.3f} | {1e3 * t / b:11.1f} | {b / t:6.1f} | {same:d}/{b}")
+                best = max(best, b / t) if not drafted else best  # a real draft saves less: not for the projection
+        if real:  # is the static decoder's step compiled once per shape, and run as CUDA graphs? (tests/
+            from torch._dynamo.utils import counters  # test_inference.py checks the compiling part on CPU)
+            shapes = len(static_batches) + 1  # width 2 at each batch size, width 16 at the first
+            print(f"  static's compiled step: {counters['stats']['unique_graphs']} graph(s) for {shapes} shapes "
+                  "(batch, width; CompileConfig's dynamic=None: the first shape static, the second a dynamic graph "
+                  f"that later shapes may reuse); graph breaks: {dict(counters['graph_break']) or 'none'}; CUDA "
+                  f"graphs skipped: {counters['inductor'].get('cudagraph_skips', 0)} (0: every compiled step replays "
+                  "one)")
+    finally:
+        vars(model).pop("static_caches", None)  # the training figures measure memory next
+        torch._dynamo.reset()  # and the compiled graphs (CUDA graph memory pools)
     return best
 
 
-def bench_train(real=False, steps=5, batches=None, preset=False):
+def bench_train(real=False, steps=5, batches=None, preset=False, liger=False):
+    """Training steps per variant; liger: Liger's kernels alone (they patch transformers' Qwen2.5-VL classes for the
+    rest of the process, so the gpu command runs them last, after decoding)."""
     device = "cuda" if real else "cpu"
     mdir = model_dir(real)
     data = tiny.make_dataset(TMP / "data", episodes=6, length=(60, 60), size=256)
@@ -204,16 +232,18 @@ def bench_train(real=False, steps=5, batches=None, preset=False):
         variants.append(("24GB preset" + (" (adamw_torch)" if optim else ""), [
             "--config", str(Path(__file__).resolve().parents[1] / "config_lora_24gb.yaml"),
             "--gradient_accumulation_steps", "1", "--report_to", "none", "--num_train_epochs", "1", *optim]))
-    if find_spec("liger_kernel"):  # last: Liger patches transformers' Qwen2.5-VL classes for the rest of the process
-        variants.append(("full+liger", ["--use_liger_kernel", "true"]))
+    if liger:
+        variants = [("full+liger", ["--use_liger_kernel", "true"])] if find_spec("liger_kernel") else []
     print("  variant    | batch | samples/s | tokens/s | peak mem GiB | MFU")
     for label, extra in variants:
         sizes = batches or ((8, 16, 32) if real else (4,))
         for batch in (4,) if "preset" in label else sizes[-1:] if "ckpt" in label else sizes:  # ckpt: largest only
+            if over_budget(f"{label} batch {batch}"):
+                continue
             argv = ["--model_id", str(mdir), "--repo_id", str(data), "--output_dir", str(TMP / f"run{label}{batch}"),
                     "--dtype", "bfloat16" if real else "float32", "--max_steps",
                     str(steps + 2), "--per_device_train_batch_size", str(batch), "--eval_strategy", "no",
-                    "--save_strategy", "no", "--logging_steps", "1", "--dataloader_num_workers", "4" if real else "0",
+                    "--save_strategy", "no", "--disable_tqdm", "true", "--dataloader_num_workers", "4" if real else "0",
                     "--bf16", str(real), "--use_cpu", str(not real), *extra]
             times = []
             from transformers import TrainerCallback
@@ -229,30 +259,35 @@ def bench_train(real=False, steps=5, batches=None, preset=False):
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - self.t)
 
-            if real:
+            gc.collect()  # the previous variant's model (TRL's fused head makes a reference cycle of it) and
+            if real:  # optimizer states: gone before this one loads and its peak memory counts
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+            trainer, failed = None, None
             try:
                 trainer = tinyvla.make_trainer(*tinyvla.parse_args(argv))
                 trainer.add_callback(Clock())
                 trainer.train()
             except Exception as err:  # out of memory: the largest batch that fits is the answer. Either way (a kernel
                 # library failing, say) the next variants still run: device time is scarce
-                print(f"  {label:10s} | {batch:5d} | " + ("out of memory" if isinstance(err, torch.OutOfMemoryError)
-                                                          else f"failed: {type(err).__name__}: {str(err)[:300]}"))
-                trainer = None  # its model and optimizer states go before the next variant loads
-                if real:
-                    torch.cuda.empty_cache()
+                failed = "out of memory" if isinstance(err, torch.OutOfMemoryError) else \
+                    f"failed: {type(err).__name__}: {str(err)[:300]}"  # err (and its frames) goes with the block
+            if failed:
+                print(f"  {label:10s} | {batch:5d} | {failed}")
+                trainer = None
                 continue
             step = float(np.median(times[2:]))
             n_tok = trainer.data_collator([trainer.train_dataset[i] for i in range(batch)])["input_ids"].numel()
             params = sum(p.numel() for p in trainer.model.parameters())
-            # MFU: 6 * params * tokens per step (forward+backward, all weights incl. ViT over its patch tokens,
-            # approximated by the sequence tokens) / step time / peak bf16 FLOP/s (790 TFLOP/s on H200)
-            mfu = f"{6 * params * n_tok / step / 790e12:.1%}" if real else "-"
+            # MFU: 6 * params * tokens per step (forward 2, backward 4: all weights incl. ViT over its patch tokens,
+            # approximated by the sequence tokens; LoRA 4: no gradients of the frozen weights; activation
+            # checkpointing's recomputed forward not counted) / step time / peak bf16 FLOP/s (790 TFLOP/s, H100/H200)
+            flop = (4 if "LoRA" in label or "preset" in label else 6) * params * n_tok
+            mfu = f"{flop / step / 790e12:.1%}" if real else "-"
             mem = f"{torch.cuda.max_memory_allocated() / 2**30:12.1f}" if real else f"{'-':>12s}"
             print(f"  {label:10s} | {batch:5d} | {batch / step:9.2f} | {n_tok / step:8.0f} | "
                   f"{mem} | {mfu}")
-            del trainer
+            trainer = None
 
 
 def bench_libero(steps=100):
@@ -428,36 +463,43 @@ def bench_lora_params():
         print(f"{name}: {n / 1e6:.1f}M trainable of {total / 1e6:.1f}M ({100 * n / total:.2f}%)")
 
 
-def bench_gpu(real=True):
-    """Every GPU figure of the speed issue in one run (aimed at under 8 minutes on an H200): which GPU, decoding
-    (generate, static and speculative decoders), training (full FT and LoRA, activation checkpointing off and on,
-    batch 8 and 32, the 24 GB preset, Liger's fused kernels where it imports) and the full-eval projection. A section
-    that fails prints why and the next one runs. Last, the data pipeline on the host's CPU (a GPU host's core)."""
+def bench_gpu(real=True, sections=("train", "generate", "liger", "data")):
+    """Every GPU figure of the speed issue in one run (aimed at under 8 minutes on an H100/H200): which GPU, training
+    (full FT and LoRA, activation checkpointing off and on, batch 8 and 32, the 24 GB preset), decoding (generate,
+    static and speculative decoders; after training, whose DataLoader forks before inductor starts its threads),
+    Liger's kernels where it imports, the full-eval projection, and the data pipeline on the host's CPU. A row that
+    fails prints why and the next one runs; past the time budget the rows left print that they were skipped, and
+    `gpu --sections generate,liger,data` runs them in a second call."""
     import transformers
     import trl
+    os.environ.setdefault("TINYVLA_BENCH_BUDGET_S", "420" if real else "inf")
+    transformers.utils.logging.disable_progress_bar()  # loading and saving bars: the device call returns 12k chars
     t0, best = time.time(), 0.0
     gpu = torch.cuda.get_device_name() if real else "none (--cpu: the tiny model, to check this script)"
     print(f"GPU: {gpu}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-          f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
-    for name, run in (("generate", lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8),  # first: train's
-                                                          (1, 32) if real else (1,))),  # Liger variant patches Qwen
-                      ("train", lambda: bench_train(real, batches=(8, 32) if real else None, preset=True))):
+          f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}; sections {', '.join(sections)}")
+    runs = {"train": lambda: bench_train(real, batches=(8, 32) if real else None, preset=True),
+            "generate": lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8), (1, 32) if real else (1,)),
+            "liger": lambda: bench_train(real, batches=(8, 32) if real else None, liger=True),
+            "data": bench_data}
+    for name in sections:
+        if over_budget(f"section {name}"):
+            continue
         try:
-            best = run() or best
+            best = runs[name]() or best
         except Exception as err:  # one section failing must not cost the others their device time
             print(f"  {name} failed: {type(err).__name__}: {err}")
         gc.collect()  # what the section held goes before the next one measures memory
         if real:
             torch.cuda.empty_cache()
-        print(f"[{name} done after {time.time() - t0:.0f} s]")
-    # one simulator's physics (GPU rendering): BENCHMARKS.md's CPU figure unless measured on this host
-    sim, queries, steps = float(os.environ.get("TINYVLA_SIM_STEPS_PER_S", 74.2)), 330_000, 350_000
-    policy_h, sim_h = queries / max(best, 1e-9) / 3600, steps / (os.cpu_count() * sim) / 3600
-    print(f"full 4-suite eval (2,000 episodes, {steps:,} env steps, {queries:,} policy queries at action_horizon 1): "
-          f"policy {policy_h:.2f} h at {best:.1f} observations/s, simulators {sim_h:.2f} h ({os.cpu_count()} x "
-          f"{sim:.0f} steps/s); projected {max(policy_h, sim_h):.2f} GPU-hours (target <= 1)")
-    print(f"[GPU figures done after {time.time() - t0:.0f} s] the data pipeline on this host's CPU (about a minute):")
-    bench_data()
+        print(f"[{name} done after {time.time() - t0:.0f} s]", flush=True)
+        if name == "generate" and best:  # one simulator's physics: BENCHMARKS.md's CPU figure unless measured here
+            sim, queries, steps = float(os.environ.get("TINYVLA_SIM_STEPS_PER_S", 74.2)), 330_000, 350_000
+            policy_h, sim_h = queries / best / 3600, steps / (os.cpu_count() * sim) / 3600
+            print(f"full 4-suite eval (2,000 episodes, {steps:,} env steps, {queries:,} policy queries at "
+                  f"action_horizon 1): policy {policy_h:.2f} h at {best:.1f} observations/s, simulators {sim_h:.2f} h "
+                  f"({os.cpu_count()} x {sim:.0f} steps/s); projected {max(policy_h, sim_h):.2f} GPU-hours "
+                  "(target <= 1)")
 
 
 if __name__ == "__main__":
@@ -465,4 +507,5 @@ if __name__ == "__main__":
     {"data": bench_data, "generate": lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8, 32)),
      "train": lambda: bench_train(real), "tokens": bench_tokens,
      "libero": bench_libero, "serve": bench_serve, "sim": bench_sim, "lora_params": bench_lora_params,
-     "gpu": lambda: bench_gpu("--cpu" not in sys.argv)}[what]()
+     "gpu": lambda: bench_gpu("--cpu" not in sys.argv, *[sys.argv[i + 1].split(",") for i in range(
+         len(sys.argv) - 1) if sys.argv[i] == "--sections"])}[what]()
