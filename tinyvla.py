@@ -1125,7 +1125,7 @@ def from_wire(x):  # and a numpy scalar as its dtype and value ({"reset": np.Tru
 
 def request_images(obs, keys, crop_ratio, specials=()):
     """A request's camera images, checked, as is its prompt: RGB images (HWC uint8 arrays) the crop leaves pixels of;
-    text without the tokenizer's special tokens (one would break the batched call of every client in the round)."""
+    short text without the tokenizer's special tokens (one breaks the batched call of every client in its round)."""
     obs = obs if isinstance(obs, dict) else {}
     for k in (*keys, "prompt"):
         x = obs.get(k)

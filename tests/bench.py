@@ -43,8 +43,8 @@ REAL = ASSETS / "qwen2.5-vl-3b-instruct"
 START = time.time()
 
 
-def over_budget(what):  # gpu: a row starts only within TINYVLA_BENCH_BUDGET_S (420 s: a device call is killed at
-    budget = float(os.environ.get("TINYVLA_BENCH_BUDGET_S", "inf"))  # 600 s); the rows left print this line
+def over_budget(what):  # gpu: a row starts only within TINYVLA_BENCH_BUDGET_S (360 s: a device call is killed at
+    budget = float(os.environ.get("TINYVLA_BENCH_BUDGET_S", "inf"))  # 600 s, a row may take 2 min); the rest say so
     if time.time() - START > budget:
         print(f"  {what}: skipped, the {budget:.0f} s budget is spent (TINYVLA_BENCH_BUDGET_S; gpu --sections)")
         return True
@@ -58,8 +58,8 @@ def model_dir(real):
     import shutil
     from transformers import AutoConfig, AutoModelForImageTextToText
     out = TMP / "qwen3b"
-    shutil.copytree(REAL, out)
-    out.chmod(0o755)  # a copy of a read-only assets dir is read-only: the weights go in next
+    shutil.copytree(REAL, out, copy_function=shutil.copyfile)  # files writable, whatever the assets' modes
+    out.chmod(0o755)  # and the dir: the weights go in next
     with torch.device("cuda"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out), dtype=torch.bfloat16)
     model.save_pretrained(out)
@@ -174,14 +174,14 @@ def bench_generate(real=False, batches=(1, 8, 32), static_batches=(1, 8, 32)):
     print("  (CUDA graphs; the first call of each batch and width compiles)")
     print("  decoder     | width | draft | batch | passes | first call s | s per call | ms per obs. | obs./s | "
           "rows = generate's")
-    best, exact = 0.0, {}
+    best, exact, static_shapes = 0.0, {}, 0
     paths = [("generate", 1, False), ("speculative", 2, False), ("speculative", 16, True), ("static", 2, False),
              ("static", 16, True)]
     try:
         for decoder, width, drafted in paths:
             for b in batches if decoder != "static" else static_batches[:1] if drafted else static_batches:
                 if over_budget(f"{decoder} width {width} batch {b}") or (drafted and b not in exact):
-                    continue
+                    continue  # drafted: generate's answer is the draft
                 o, tk = obs(b), tasks(b)
                 call = lambda: tinyvla.predict(model, col, stats, o, tk, decoder, exact[b] if drafted else None, width)
                 try:
@@ -193,16 +193,19 @@ def bench_generate(real=False, batches=(1, 8, 32), static_batches=(1, 8, 32)):
                     print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | " + (
                         "out of memory" if isinstance(err, torch.OutOfMemoryError) else
                         f"failed: {type(err).__name__}: {str(err)[:300]}"))
+                    if real:
+                        torch.cuda.empty_cache()
                     continue
-                exact.setdefault(b, list(actions))  # generate's, the first path: what every other must equal
-                same = sum(np.array_equal(a, e) for a, e in zip(actions, exact[b]))
+                if decoder == "generate":  # plain greedy: what every other path must equal
+                    exact[b] = list(actions)
+                static_shapes += decoder == "static"
+                same = f"{sum(np.array_equal(a, e) for a, e in zip(actions, exact[b]))}/{b}" if b in exact else "-"
                 print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | {passes:6d} | "
-                      f"{first:12.2f} | {t:10.3f} | {1e3 * t / b:11.1f} | {b / t:6.1f} | {same:d}/{b}")
+                      f"{first:12.2f} | {t:10.3f} | {1e3 * t / b:11.1f} | {b / t:6.1f} | {same}")
                 best = max(best, b / t) if not drafted else best  # a real draft saves less: not for the projection
         if real:  # is the static decoder's step compiled once per shape, and run as CUDA graphs? (tests/
             from torch._dynamo.utils import counters  # test_inference.py checks the compiling part on CPU)
-            shapes = len(static_batches) + 1  # width 2 at each batch size, width 16 at the first
-            print(f"  static's compiled step: {counters['stats']['unique_graphs']} graph(s) for {shapes} shapes "
+            print(f"  static's compiled step: {counters['stats']['unique_graphs']} graph(s) for {static_shapes} shapes "
                   "(batch, width; CompileConfig's dynamic=None: the first shape static, the second a dynamic graph "
                   f"that later shapes may reuse); graph breaks: {dict(counters['graph_break']) or 'none'}; CUDA "
                   f"graphs skipped: {counters['inductor'].get('cudagraph_skips', 0)} (0: every compiled step replays "
@@ -232,8 +235,10 @@ def bench_train(real=False, steps=5, batches=None, preset=False, liger=False):
         variants.append(("24GB preset" + (" (adamw_torch)" if optim else ""), [
             "--config", str(Path(__file__).resolve().parents[1] / "config_lora_24gb.yaml"),
             "--gradient_accumulation_steps", "1", "--report_to", "none", "--num_train_epochs", "1", *optim]))
-    if liger:
-        variants = [("full+liger", ["--use_liger_kernel", "true"])] if find_spec("liger_kernel") else []
+    if liger:  # no DataLoader workers: gpu runs this after decoding, and a fork beside inductor's threads can hang
+        variants = [("full+liger", ["--use_liger_kernel", "true", "--dataloader_num_workers", "0"])]  # (the step
+        if not find_spec("liger_kernel"):  # clock excludes loading a batch)
+            return print("  full+liger: liger-kernel is not installed (tests/gpu_setup.sh carries it)")
     print("  variant    | batch | samples/s | tokens/s | peak mem GiB | MFU")
     for label, extra in variants:
         sizes = batches or ((8, 16, 32) if real else (4,))
@@ -466,13 +471,13 @@ def bench_lora_params():
 def bench_gpu(real=True, sections=("train", "generate", "liger", "data")):
     """Every GPU figure of the speed issue in one run (aimed at under 8 minutes on an H100/H200): which GPU, training
     (full FT and LoRA, activation checkpointing off and on, batch 8 and 32, the 24 GB preset), decoding (generate,
-    static and speculative decoders; after training, whose DataLoader forks before inductor starts its threads),
-    Liger's kernels where it imports, the full-eval projection, and the data pipeline on the host's CPU. A row that
+    static and speculative decoders; after training, whose DataLoader forks before inductor starts its threads), the
+    full-eval projection, Liger's kernels where it imports, and the data pipeline on the host's CPU. A row that
     fails prints why and the next one runs; past the time budget the rows left print that they were skipped, and
     `gpu --sections generate,liger,data` runs them in a second call."""
     import transformers
     import trl
-    os.environ.setdefault("TINYVLA_BENCH_BUDGET_S", "420" if real else "inf")
+    os.environ.setdefault("TINYVLA_BENCH_BUDGET_S", "360" if real else "inf")
     transformers.utils.logging.disable_progress_bar()  # loading and saving bars: the device call returns 12k chars
     t0, best = time.time(), 0.0
     gpu = torch.cuda.get_device_name() if real else "none (--cpu: the tiny model, to check this script)"
@@ -482,6 +487,8 @@ def bench_gpu(real=True, sections=("train", "generate", "liger", "data")):
             "generate": lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8), (1, 32) if real else (1,)),
             "liger": lambda: bench_train(real, batches=(8, 32) if real else None, liger=True),
             "data": bench_data}
+    if unknown := set(sections) - set(runs):
+        sys.exit(f"gpu --sections: no section {sorted(unknown)}; the sections are {', '.join(runs)}")
     for name in sections:
         if over_budget(f"section {name}"):
             continue
@@ -493,7 +500,9 @@ def bench_gpu(real=True, sections=("train", "generate", "liger", "data")):
         if real:
             torch.cuda.empty_cache()
         print(f"[{name} done after {time.time() - t0:.0f} s]", flush=True)
-        if name == "generate" and best:  # one simulator's physics: BENCHMARKS.md's CPU figure unless measured here
+        if name == "generate" and not best:
+            print("full 4-suite eval: no projection, as no decoding row was measured")
+        elif name == "generate":  # one simulator's physics: BENCHMARKS.md's CPU figure unless measured here
             sim, queries, steps = float(os.environ.get("TINYVLA_SIM_STEPS_PER_S", 74.2)), 330_000, 350_000
             policy_h, sim_h = queries / best / 3600, steps / (os.cpu_count() * sim) / 3600
             print(f"full 4-suite eval (2,000 episodes, {steps:,} env steps, {queries:,} policy queries at "
@@ -505,7 +514,7 @@ def bench_gpu(real=True, sections=("train", "generate", "liger", "data")):
 if __name__ == "__main__":
     what, real = sys.argv[1], "--real" in sys.argv
     {"data": bench_data, "generate": lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8, 32)),
-     "train": lambda: bench_train(real), "tokens": bench_tokens,
+     "train": lambda: (bench_train(real), bench_train(real, liger=True)), "tokens": bench_tokens,
      "libero": bench_libero, "serve": bench_serve, "sim": bench_sim, "lora_params": bench_lora_params,
      "gpu": lambda: bench_gpu("--cpu" not in sys.argv, *[sys.argv[i + 1].split(",") for i in range(
-         len(sys.argv) - 1) if sys.argv[i] == "--sections"])}[what]()
+         len(sys.argv)) if sys.argv[i] == "--sections"])}[what]()
