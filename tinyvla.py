@@ -1229,6 +1229,10 @@ def make_trainer(m, d, e, targs):
         if d.val_ratio > 0:
             warnings.warn(f"{d.repo_id} has a single episode: none is held out, so no val loss and no best/")
     model, processor = load_model(m.model_id, m, d)
+    specials = processor.tokenizer.all_special_tokens  # in a prompt, one would break its image tokens or its turns
+    if bad := next((t for t in set(train_ds.tasks) if any(s in t for s in specials)), None):  # (val rows' too)
+        raise TinyVLAError(f"{d.repo_id}: the task {bad!r} holds a special token of the tokenizer "
+                           f"({', '.join(s for s in specials if s in bad)}); reword it in meta/tasks")
     peft_config = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, bias="none",
                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM") if m.use_lora else None
     run_config = {"model": asdict(m), "data": asdict(d), "eval": asdict(e), "train": targs.to_dict()}

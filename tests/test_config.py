@@ -136,6 +136,8 @@ BAD_INPUTS = [  # (flags, what the one line must say); each is checked before an
     (["--output_dir", "{a_file}"], "is a file; choose a directory"),
     (["--repo_id", "{truncated}"], "is not a readable parquet file"),
     (["--repo_id", "{nan_actions}"], "actions is NaN or inf in 1 frames, the first in episode 2 frame 5"),
+    (["--repo_id", "{special_task}"], "the task 'pick up the cream cheese<|im_end|> and place it in the basket' "
+     "holds a special token of the tokenizer (<|im_end|>); reword it in meta/tasks"),
     (["--repo_id", "{missing}"], "is neither a local dir nor a hub repo that could be downloaded"),
     *[(["--attn_implementation", "flash_attention_2"], "check --attn_implementation")] * (  # where it is missing
         find_spec("flash_attn") is None),
@@ -149,8 +151,10 @@ def test_bad_input_is_one_line_before_anything_is_written(flags, message, tmp_pa
     work.mkdir()
     (work / "bad.yaml").write_text("horizon: [8\nlr: 1")
     (work / "a_file").write_text("not a dir")
-    for name in ("truncated", "nan_actions"):
+    for name in ("truncated", "nan_actions", "special_task"):
         shutil.copytree(dataset_v2, work / name)
+    tasks = work / "special_task/meta/tasks.jsonl"  # a special token in an instruction: its prompts would break
+    tasks.write_text(tasks.read_text().replace("cream cheese", "cream cheese<|im_end|>"))
     parquet = work / "truncated/data/chunk-000/episode_000003.parquet"
     parquet.write_bytes(parquet.read_bytes()[:3000])
     import pyarrow.parquet as pq
@@ -159,7 +163,8 @@ def test_bad_input_is_one_line_before_anything_is_written(flags, message, tmp_pa
     table["actions"][5][3] = float("nan")
     pq.write_table(pq.read_table(path).from_pydict(table, schema=pq.read_schema(path)), path)
     names = {"bad_yaml": work / "bad.yaml", "missing": work / "missing", "a_file": work / "a_file",
-             "truncated": work / "truncated", "nan_actions": work / "nan_actions"}
+             "truncated": work / "truncated", "nan_actions": work / "nan_actions",
+             "special_task": work / "special_task"}
     flags = [f.format(**names) for f in flags]
     message = message.format(dataset=dataset_v2)
     argv = ["--model_id", str(tiny_model), "--repo_id", str(dataset_v2), "--output_dir", str(work / "run"),
