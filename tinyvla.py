@@ -7,7 +7,6 @@
 
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import math
@@ -35,7 +34,6 @@ import datasets
 import msgpack
 import numpy as np
 import pandas as pd
-import PIL.Image
 import pyarrow.parquet as pq
 import torch
 import yaml
@@ -353,11 +351,9 @@ def video_rows(root, info, key, episodes, times):
     missing = sorted({files[ep] for ep in set(episodes) if not Path(files[ep]).exists()})
     if missing:
         raise TinyVLAError(f"video files of {key} are missing ({len(missing)}, e.g. {missing[0]}); download them again")
-    rows, last = [(files[ep], where[ep][2] + t) for ep, t in zip(episodes, times)], {}
-    for path, t in rows:  # each file's header (about 1 ms): a torn or shifted video fails now, not hours into a run
-        last[path] = max(t, last.get(path, 0.0))
-    for path, t in last.items():
-        check_video(path, t, info["fps"])
+    rows = [(files[ep], where[ep][2] + t) for ep, t in zip(episodes, times)]
+    for path, t in pd.DataFrame(rows).groupby(0)[1].max().items():  # each file's header (about 1 ms) to its last
+        check_video(path, t, info["fps"])  # frame read: a torn or shifted video fails now, not hours into a run
     return rows
 
 
@@ -406,12 +402,6 @@ def video_frame(path, t, fps):
         raise TinyVLAError(f"{path} has no frame at {want / fps:.3f}s (frame {want}" + (
             f", the next is at {frame.time:.3f}s" if frame else "") + "): it does not match the dataset's timestamps")
     return frame.to_ndarray(format="rgb24", threads=1)  # nor scaler threads (PyAV 19: one per core by default)
-
-
-def stored_image(value):
-    """An image of the parquet files as an RGB array: datasets decodes one with an Image feature; a file written
-    without that metadata (older lerobot v3.0 writers) holds {bytes, path}."""
-    return np.asarray((PIL.Image.open(io.BytesIO(value["bytes"])) if isinstance(value, dict) else value).convert("RGB"))
 
 
 def action_bounds(stats):  # per action dimension, over the train split
@@ -512,10 +502,12 @@ def build_datasets(d, seed):
     videos = {k: video_rows(root, info, k, episodes.tolist(), meta["timestamp"][order].tolist()) for k in d.image_keys
               if info["features"][k]["dtype"] == "video"}  # row r of these (and of table) is row r of the arrays
     table = ds.select_columns([k for k in d.image_keys if k not in videos]).select(order)
+    for k in table.column_names:  # decoded, RGB; also {bytes, path} of files without the Image metadata (older
+        table = table.cast_column(k, datasets.Image(mode="RGB"))  # lerobot v3.0 writers)
 
     def frames(r, keys=d.image_keys):  # images stored in the parquet files, or video frames
         row = table[int(r)] if table.column_names else {}
-        return [video_frame(*videos[k][r], info["fps"]) if k in videos else stored_image(row[k]) for k in keys]
+        return [video_frame(*videos[k][r], info["fps"]) if k in videos else np.asarray(row[k]) for k in keys]
     frames(0)  # a codec PyAV cannot decode fails now, not in a DataLoader worker
     make = lambda rows, train: VLADataset(frames, rows, actions, ep_end, tasks, stats, d, train)
     return make(train_rows, True), (make(val_rows, False) if n_val else None), stats
