@@ -21,7 +21,7 @@ import time
 import warnings
 from argparse import ArgumentError
 from collections import deque
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from concurrent.futures import Future
 from operator import itemgetter
 from dataclasses import asdict, dataclass, field, fields
@@ -201,6 +201,9 @@ def parse_args(argv=None):
     if unused := [k for k in UNUSED_TRL if getattr(targs, k) not in (parser.get_default(k), None)]:
         raise TinyVLAError(f"{', '.join(unused)}: TinyVLA's collator builds every batch (one token per answer "
                            "character, prompts never cut), so these SFTConfig batching options would do nothing")
+    if targs.save_total_limit == 1 and targs.metric_for_best_model:  # kept: the best and the newest, until the end
+        raise TinyVLAError("save_total_limit 1 with a best model: transformers deletes every checkpoint but the best "
+                           "when training ends, so a run killed before final/ is saved would train again; use 2")
     if len(dargs.image_keys) not in (1, 2):
         raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
     if eargs.shard_id >= eargs.num_shards:
@@ -588,7 +591,8 @@ class VLATrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial):  # save_strategy "epoch" saves every epoch: keep every n-th, and the
         n = self.run_config["eval"]["save_every_epochs"]  # best one if load_best_model_at_end is to load it
         best = self.args.load_best_model_at_end and self.state.best_global_step == self.state.global_step
-        if self.args.save_strategy != "epoch" or round(self.state.epoch) % n == 0 or best:
+        last = self.state.global_step >= self.state.max_steps  # the run's end: a kill saving final/ resumes from it
+        if self.args.save_strategy != "epoch" or round(self.state.epoch) % n == 0 or best or last:
             super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir=None, state_dict=None):
@@ -617,7 +621,10 @@ class VLATrainer(SFTTrainer):
         if every and len(losses) % every == 0:
             self.log(self.generation_metrics())
         if losses and losses[-1] < min(losses[:-1], default=math.inf):
-            self.save_model(os.path.join(self.args.output_dir, "best"))
+            best = Path(self.args.output_dir, "best")
+            if self.args.should_save:  # rewritten in place: not a checkpoint until whole again (the stats go last)
+                (best / ACTION_STATS).unlink(missing_ok=True)
+            self.save_model(str(best))
         return metrics
 
     @torch.no_grad()
@@ -972,6 +979,20 @@ def weights_id(model_dir):
     return digest.hexdigest()[:16]
 
 
+def hold_lock(path, busy):
+    """An exclusive lock on `path`, held until the file returned is closed: a second run writing the same place stops
+    in one line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path, "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise TinyVLAError(busy) from None
+    except OSError as err:  # a file system without locks (Lustre mounted noflock, say): run unguarded
+        warnings.warn(f"cannot lock {path} ({err.strerror}): nothing stops a second run writing there too")
+    return lock
+
+
 def write_whole(path, text):  # a reader, another shard or a kill never meets it half written
     (tmp := path.with_name(f".{path.name}.{os.getpid()}")).write_text(text)
     os.replace(tmp, path)
@@ -1012,13 +1033,9 @@ def evaluate_libero(ckpt, e, policy=None):
         changed = ", ".join(f"{k} {other.get(k, '?')} (now {v})" for k, v in setup.items() if other.get(k) != v)
         raise TinyVLAError(f"{out_dir} holds results of other settings or weights ({changed}): choose another "
                            "--eval_dir, or move them away")
-    out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / f"results_shard{e.shard_id}of{e.num_shards}.jsonl"
-    lock = open(out_dir / f".{results_file.name}.lock", "w")  # held until the process ends: one eval per file
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise TinyVLAError(f"another eval is writing {results_file}: wait for it, or use another --eval_dir") from None
+    lock = hold_lock(out_dir / f".{results_file.name}.lock",  # one eval per results file, until it returns
+                     f"another eval is writing {results_file}: wait for it, or use another --eval_dir")
     results = read_results(results_file)  # from an earlier run of this shard: skipped now
     write_whole(results_file, "".join(json.dumps(r) + "\n" for r in results))  # duplicates, a torn line gone
     finished = {episode_key(r) for r in results}
@@ -1077,8 +1094,8 @@ def evaluate_libero(ckpt, e, policy=None):
     wanted = {episode_key(ep) for ep in all_episodes}  # this eval's episodes, each counted once over all shards
     standard = {"task_ids": [[]], "episodes_per_task": [50], "episode_max_steps": [0, SUITE_MAX_STEPS.get(e.suite)]}
     subset = [f"{k} {getattr(e, k)}" for k, ok in standard.items() if getattr(e, k) not in ok]  # LIBERO's protocol
-    with open(out_dir / ".results.lock", "w") as lock:  # shards ending together: the last to write read them all
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(out_dir / ".results.lock", "w") as merge:  # shards ending together: the last to write read them all
+        fcntl.flock(merge, fcntl.LOCK_EX)
         found = [r for r in read_results(*sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")))
                  if episode_key(r) in wanted]
         merged = [r for r in found if r.get("setup") == setup]  # not those of a shard started with other settings
@@ -1093,6 +1110,7 @@ def evaluate_libero(ckpt, e, policy=None):
         write_whole(out_dir / "results.json", json.dumps({"finished": len(merged), "expected": len(all_episodes),
                                                           "not_standard": subset, "per_suite": summary,
                                                           "episodes": merged}, indent=2))
+    lock.close()  # this shard's results are whole: its next run may start
     print(f"{table}\n{status}")
     print(f"{env_steps} env steps, {queries} policy queries in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} "
           f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}, "
@@ -1195,9 +1213,9 @@ def serve_policy(ckpt, e):
 
 
 # ----------------------------------------------------------------------------- main
-def check_resume(resume, m, d, stats):
-    """A resume goes on with the task its checkpoint learned, or not at all: the same model and data settings, and
-    data of the same action bounds, tasks and val episodes."""
+def check_resume(resume, m, d, stats, train):
+    """A resume goes on with the task its checkpoint learned, or not at all: the same model and data settings, data
+    of the same action bounds, tasks and val episodes, and the same global batch (its step count says where it is)."""
     if not (Path(resume) / ACTION_STATS).exists():
         return
     saved, before_stats = (json.loads(Path(resume, f).read_text()) for f in (RUN_CONFIG, ACTION_STATS))
@@ -1206,6 +1224,10 @@ def check_resume(resume, m, d, stats):
                RESUME_MAY_CHANGE and (m.use_lora or not k.startswith("lora_"))]
     changed += ["the action bounds, tasks or val episodes (new data or --seed)"] * any(
         stats[k] != before_stats[k] for k in ("global", "tasks", "val_episodes") if k in before_stats)
+    batch = lambda t: t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * t.get("world_size", 0)
+    if batch(saved["train"]) and batch(saved["train"]) != batch(train):  # another GPU count: keep the batch
+        changed.append(f"global batch {batch(saved['train'])} (now {batch(train)}: per-device batch x accumulation x "
+                       f"{train['world_size']} processes; set --gradient_accumulation_steps to keep it)")
     if changed:
         raise TinyVLAError(f"{resume} was trained on other data or settings: {', '.join(changed)}; resume with the "
                            "same ones, or start a new run in another --output_dir")
@@ -1214,8 +1236,9 @@ def check_resume(resume, m, d, stats):
 def make_trainer(m, d, e, targs):
     """Datasets, model (LoRA-wrapped by TRL when use_lora) and the trainer for a parsed config."""
     train_ds, val_ds, stats = build_datasets(d, targs.seed)
+    train_config = {**targs.to_dict(), "world_size": targs.world_size}
     if targs.resume_from_checkpoint:  # before the model loads and the Trainer makes output_dir
-        check_resume(targs.resume_from_checkpoint, m, d, stats)
+        check_resume(targs.resume_from_checkpoint, m, d, stats, train_config)
     if val_ds is None:  # val_ratio 0, or a single episode
         targs.eval_strategy = "no"
         if d.val_ratio > 0:
@@ -1227,7 +1250,7 @@ def make_trainer(m, d, e, targs):
                            f"({', '.join(s for s in specials if s in bad)}); reword it in meta/tasks")
     peft_config = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, bias="none",
                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM") if m.use_lora else None
-    run_config = {"model": asdict(m), "data": asdict(d), "eval": asdict(e), "train": targs.to_dict()}
+    run_config = {"model": asdict(m), "data": asdict(d), "eval": asdict(e), "train": train_config}
     return VLATrainer(model=model, args=targs, train_set=train_ds, val_set=val_ds, processing_class=processor,
                       peft_config=peft_config, run_config=run_config, stats=stats,
                       collator=Collator(processor, d, len(stats["global"]["lo"])))
@@ -1241,25 +1264,28 @@ def train_summary(trainer, final):
             "train loss (last logged)": last("loss"),
             "val loss (last / best)": f"{last('eval_loss')} / {f'{min(losses):.4g}' if losses else '-'}",
             "val parse rate / mae / mse (last generation eval)": last("val/parse_rate", "val/mae", "val/mse"),
-            "final model": final, "best model (lowest val loss)": best if best.exists() else "-"}
+            "final model": final, "best model (lowest val loss)": best if (best / ACTION_STATS).exists() else "-"}
     return "\n".join(["| training run | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows.items())])
 
 
 def train(m, d, e, targs):
     final = Path(targs.output_dir) / "final"
     trainer, resume = make_trainer(m, d, e, targs), targs.resume_from_checkpoint
-    if trainer.is_world_process_zero():
-        save_run_info(targs.output_dir, trainer.run_config, trainer.stats)
-    if resume and 0 < targs.max_steps <= trained_steps(resume):  # stopped while saving final/: save it (the Trainer
-        trainer._load_from_checkpoint(resume)  # would take a step more, so it does not run)
-        trainer.state = TrainerState.load_from_json(str(Path(resume, "trainer_state.json")))
-        if targs.load_best_model_at_end and os.path.isdir(trainer.state.best_model_checkpoint or ""):  # as train()
-            trainer._load_best_model()
-    else:
-        trainer.train(resume_from_checkpoint=resume)
-    if trainer.is_world_process_zero():  # final/ counts as saved once saved again (a longer run rewrites it)
-        (final / ACTION_STATS).unlink(missing_ok=True)
-    trainer.save_model(str(final))
+    busy = f"another run is training into {targs.output_dir}: wait for it, or stop it (a killed launcher's workers " \
+        "may live on)"  # one run per output_dir: a requeued job may meet the workers of the one it replaces
+    with hold_lock(Path(targs.output_dir, ".tinyvla.lock"), busy) if trainer.is_world_process_zero() else nullcontext():
+        if trainer.is_world_process_zero():
+            save_run_info(targs.output_dir, trainer.run_config, trainer.stats)
+        if resume and 0 < targs.max_steps <= trained_steps(resume):  # stopped while saving final/: save it (the
+            trainer._load_from_checkpoint(resume)  # Trainer would take a step more, so it does not run)
+            trainer.state = TrainerState.load_from_json(str(Path(resume, "trainer_state.json")))
+            if targs.load_best_model_at_end and os.path.isdir(trainer.state.best_model_checkpoint or ""):  # as train()
+                trainer._load_best_model()
+        else:
+            trainer.train(resume_from_checkpoint=resume)
+        if trainer.is_world_process_zero():  # final/ counts as saved once saved again (a longer run rewrites it)
+            (final / ACTION_STATS).unlink(missing_ok=True)
+        trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         print(train_summary(trainer, final))
     return trainer

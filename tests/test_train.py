@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 
 import numpy as np
 import pytest
@@ -130,6 +131,66 @@ def test_finishing_a_run_killed_while_saving_final_loads_the_best_model(tiny_mod
     final, best, last = weights(out / "final"), weights(out / "checkpoint-2"), weights(out / "checkpoint-4")
     assert all(torch.equal(v, best[k]) for k, v in final.items()) and any(
         not torch.equal(v, last[k]) for k, v in final.items())
+
+
+def test_sparse_epoch_checkpoints_keep_the_last_one_a_killed_final_save_resumes_from(tiny_model, tmp_path):
+    """save_every_epochs 2 of 3 epochs: the end is saved too, so a run killed while saving final/ is finished by the
+    same command without training its last epoch again."""
+    data, out = tiny.make_dataset(tmp_path / "data", episodes=3, length=(6, 8)), tmp_path / "run"
+    args = train_args(tiny_model, data, out, "--max_steps", -1, "--num_train_epochs", 3, "--save_every_epochs", 2,
+                      "--eval_strategy", "no")
+    run_cli(*args)
+    last = max(out.glob("checkpoint-*"), key=lambda c: int(c.name[11:]))
+    assert json.loads((last / "trainer_state.json").read_text())["epoch"] == 3
+    (out / "final" / tinyvla.ACTION_STATS).unlink()  # killed while saving final/ (the stats go last)
+    r = run_cli(*args, "--resume_from_checkpoint", "last")
+    assert "'loss'" not in r.stdout + r.stderr  # no step trained again
+    assert all(torch.equal(v, weights(last)[k]) for k, v in weights(out / "final").items())
+
+
+def test_a_best_model_killed_while_rewritten_is_no_checkpoint(tiny_model, dataset_v2, tmp_path):
+    """best/ is rewritten in place whenever val loss improves: until whole again it must not pass for a checkpoint."""
+    out = tmp_path / "run"
+    args = train_args(tiny_model, dataset_v2, out, "--max_steps", 2, "--eval_strategy", "steps", "--eval_steps", 1,
+                      "--save_strategy", "steps", "--save_steps", 2, "--gen_eval_every", 0, "--learning_rate", 1e-3)
+    run_cli(*args)
+    assert (out / "best" / tinyvla.ACTION_STATS).exists()
+    blocker = out / "best/model.safetensors"
+    blocker.unlink()
+    blocker.mkdir()  # the weights cannot be written: the run dies rewriting best/, as if killed there
+    r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args, "--resume_from_checkpoint", "last",
+                        "--max_steps", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and not (out / "best" / tinyvla.ACTION_STATS).exists(), r.stderr[-2000:]
+    with pytest.raises(tinyvla.TinyVLAError, match="neither a TinyVLA checkpoint"):
+        tinyvla.Policy(out / "best", device="cpu")
+
+
+def test_a_second_run_into_a_training_run_dir_is_one_line(tiny_model, dataset_v2, tmp_path):
+    """A requeued job whose old run still trains (a killed launcher's workers live on): it stops, it does not train
+    into the same dir beside it."""
+    import fcntl
+    out = tmp_path / "run"
+    flags = train_args(tiny_model, dataset_v2, out, "--max_steps", 100000, "--eval_strategy", "no", "--save_strategy",
+                       "no", "--resume_from_checkpoint", "last")
+    args = [sys.executable, str(ROOT / "tinyvla.py"), *flags]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, held = time.time() + 300, False
+        while not held and time.time() < deadline and first.poll() is None:
+            time.sleep(0.5)
+            with suppress(OSError), open(out / ".tinyvla.lock") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held = True
+        assert held, "the first run never took its lock"
+        r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
+            f"tinyvla: error: another run is training into {out}: wait for it, or stop it (a killed launcher's "
+            "workers may live on)"), r.stderr[-2000:]
+    finally:
+        first.kill()
+        first.wait()
 
 
 def test_a_longer_run_that_dies_saving_final_is_finished_by_resuming(tiny_model, dataset_v2, tmp_path):
@@ -289,6 +350,8 @@ def test_resume_on_other_data_or_settings_is_one_line(tiny_model, tmp_path):
     before = sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*"))
     changed = "the action bounds, tasks or val episodes (new data or --seed)"
     for extra, message in [(["--horizon", 4], "horizon 8 (now 4)"), (["--use_lora", "true"], "use_lora False"),
+                           (["--per_device_train_batch_size", 1], "global batch 2 (now 1: per-device batch x "
+                            "accumulation x 1 processes; set --gradient_accumulation_steps to keep it)"),
                            (["--repo_id", grown], changed),
                            (["--repo_id", same_bounds], changed), (["--seed", 7], changed)]:
         r = subprocess.run([sys.executable, str(ROOT / "tinyvla.py"), *args, "--resume_from_checkpoint", "last",
@@ -298,7 +361,8 @@ def test_resume_on_other_data_or_settings_is_one_line(tiny_model, tmp_path):
                                                      "data or settings: ") and message in last, last
     assert sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing written
     moved = shutil.copytree(data, tmp_path / "moved")
-    run_cli(*args, "--resume_from_checkpoint", "last", "--max_steps", 4, "--repo_id", moved)
+    run_cli(*args, "--resume_from_checkpoint", "last", "--max_steps", 4, "--repo_id", moved,  # the same batch of 2,
+            "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 2)  # as on fewer GPUs
     assert (out / "checkpoint-4").exists()
 
 
