@@ -81,6 +81,11 @@ class TinyVLAError(Exception):
     """A user-facing problem: main() prints it as one line and exits non-zero."""
 
 
+def warn(message):  # once: a run launched on many GPUs has every process parse, load and check alike
+    if os.environ.get("RANK", "0") == "0":
+        warnings.warn(message, stacklevel=2)
+
+
 def arg(default, help, valid=""):
     """A config field (a flag and a yaml key): default, --help text, the interval it must lie in (checked, shown)."""
     given = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
@@ -237,10 +242,10 @@ def resume_point(output_dir, resume, max_steps, epochs):
             raise TinyVLAError(f"no complete checkpoint in {out} to continue its run from; move that dir away or "
                                "choose another --output_dir")
         for c in ckpts[ckpts.index(Path(resume)) + 1 if resume else 0:]:
-            warnings.warn(f"{c} is incomplete (the run was killed while saving it)" + (
+            warn(f"{c} is incomplete (the run was killed while saving it)" + (
                 f": resuming from {resume}" if resume else ""))
         if not resume:
-            warnings.warn(f"no complete checkpoint in {out} yet: starting the run")
+            warn(f"no complete checkpoint in {out} yet: starting the run")
     elif resume and trained_steps(resume) is None:
         raise TinyVLAError(f"{resume} is not a complete checkpoint; --resume_from_checkpoint last takes the newest one")
     elif not resume and (ckpts or final.exists()):
@@ -1242,7 +1247,7 @@ def make_trainer(m, d, e, targs):
     if val_ds is None:  # val_ratio 0, or a single episode
         targs.eval_strategy = "no"
         if d.val_ratio > 0:
-            warnings.warn(f"{d.repo_id} has a single episode: none is held out, so no val loss and no best/")
+            warn(f"{d.repo_id} has a single episode: none is held out, so no val loss and no best/")
     model, processor = load_model(m.model_id, m, d)
     specials = processor.tokenizer.all_special_tokens  # in a prompt, one would break its image tokens or its turns
     if bad := next((t for t in set(train_ds.tasks) if any(s in t for s in specials)), None):  # (val rows' too)

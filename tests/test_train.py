@@ -321,9 +321,10 @@ def test_two_process_cpu_run(lora, tiny_model, dataset_v2, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            str(ROOT / "tinyvla.py"), *train_args(tiny_model, dataset_v2, out, "--eval_strategy", "no", "--use_lora",
-                                                 lora)]
+                                                 lora, "--resume_from_checkpoint", "last")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("UserWarning: no complete checkpoint") == 1  # said once, not once a process
     assert "find_unused_parameters" not in r.stderr  # DDP is told every trained weight gets a gradient (it does)
     # both ranks consumed data: an epoch is ceil(n / (2 per device x 2 processes)) steps, of which 4 were taken
     epochs = [float(x) for x in re.findall(r"'epoch': '([0-9.]+)'", r.stdout + r.stderr)]
