@@ -40,7 +40,7 @@ import yaml
 from peft import LoraConfig, PeftModel
 from tqdm import tqdm
 from transformers import (AutoModelForImageTextToText, AutoProcessor, CompileConfig, GenerationConfig, LogitsProcessor,
-                          StaticCache, TrainerState)
+                          StaticCache, TrainerState, set_seed)
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 # ----------------------------------------------------------------------------- config
@@ -599,6 +599,13 @@ class VLATrainer(SFTTrainer):
         last = self.state.global_step >= self.state.max_steps  # the run's end: a kill saving final/ resumes from it
         if self.args.save_strategy != "epoch" or round(self.state.epoch) % n == 0 or best or last:
             super()._save_checkpoint(model, trial)
+
+    def get_train_dataloader(self):
+        """Its sampler seeded alike in every process (one order, shared out), each process then draws augmentation of
+        its own: without DataLoader workers, every GPU's samples of a step got the same crops, jitter and masks."""
+        loader = super().get_train_dataloader()
+        set_seed(self.args.seed + self.args.process_index)
+        return loader
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)  # transformers calls it on every rank (to gather sharded weights)

@@ -321,7 +321,7 @@ def test_two_process_cpu_run(lora, tiny_model, dataset_v2, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            str(ROOT / "tinyvla.py"), *train_args(tiny_model, dataset_v2, out, "--eval_strategy", "no", "--use_lora",
-                                                 lora, "--resume_from_checkpoint", "last")]
+                                                 lora, "--resume_from_checkpoint", "last", "--save_steps", 4)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("UserWarning: no complete checkpoint") == 1  # said once, not once a process
@@ -332,6 +332,9 @@ def test_two_process_cpu_run(lora, tiny_model, dataset_v2, tmp_path):
     assert epochs and abs(epochs[-1] - 4 / -(-n_train // 4)) < 1e-3, (epochs, n_train)
     assert (out / "final" / ("adapter_model.safetensors" if lora else "model.safetensors")).exists()
     assert (out / "final" / tinyvla.ACTION_STATS).exists()
+    rng = [torch.load(out / f"checkpoint-4/rng_state_{rank}.pth", weights_only=False) for rank in (0, 1)]
+    assert rng[0]["python"] != rng[1]["python"] and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])  # augmentation
+    # draws (no DataLoader workers: the global generators) differ from GPU to GPU
 
 
 def test_resume_on_other_data_or_settings_is_one_line(tiny_model, tmp_path):
