@@ -992,13 +992,13 @@ def weights_id(model_dir):
 
 
 def hold_lock(path, busy):
-    """An exclusive lock on `path`, held until the file returned is closed: a second run writing the same place stops
-    in one line."""
+    """An exclusive lock on `path`, held until the file returned is closed (a POSIX lock: forked DataLoader workers do
+    not inherit it): a second run writing the same place stops in one line; busy=None waits for it instead."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(path, "w")
+    lock = open(path, "a")  # not "w": a lock taken touches nothing (a refused run writes nothing)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(lock, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
         raise TinyVLAError(busy) from None
     except OSError as err:  # a file system without locks (Lustre mounted noflock, say): run unguarded
         warnings.warn(f"cannot lock {path} ({err.strerror}): nothing stops a second run writing there too")
@@ -1106,8 +1106,7 @@ def evaluate_libero(ckpt, e, policy=None):
     wanted = {episode_key(ep) for ep in all_episodes}  # this eval's episodes, each counted once over all shards
     standard = {"task_ids": [[]], "episodes_per_task": [50], "episode_max_steps": [0, SUITE_MAX_STEPS.get(e.suite)]}
     subset = [f"{k} {getattr(e, k)}" for k, ok in standard.items() if getattr(e, k) not in ok]  # LIBERO's protocol
-    with open(out_dir / ".results.lock", "w") as merge:  # shards ending together: the last to write read them all
-        fcntl.flock(merge, fcntl.LOCK_EX)
+    with hold_lock(out_dir / ".results.lock", None):  # shards ending together: the last to write read them all
         found = [r for r in read_results(*sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")))
                  if episode_key(r) in wanted]
         merged = [r for r in found if r.get("setup") == setup]  # not those of a shard started with other settings
@@ -1225,7 +1224,7 @@ def serve_policy(ckpt, e):
 
 
 # ----------------------------------------------------------------------------- main
-def check_resume(resume, m, d, stats, train):
+def check_resume(resume, m, d, stats, global_batch):
     """A resume goes on with the task its checkpoint learned, or not at all: the same model and data settings, data
     of the same action bounds, tasks and val episodes, and the same global batch (its step count says where it is)."""
     if not (Path(resume) / ACTION_STATS).exists():
@@ -1236,10 +1235,9 @@ def check_resume(resume, m, d, stats, train):
                RESUME_MAY_CHANGE and (m.use_lora or not k.startswith("lora_"))]
     changed += ["the action bounds, tasks or val episodes (new data or --seed)"] * any(
         stats[k] != before_stats[k] for k in ("global", "tasks", "val_episodes") if k in before_stats)
-    batch = lambda t: t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * t.get("world_size", 0)
-    if batch(saved["train"]) and batch(saved["train"]) != batch(train):  # another GPU count: keep the batch
-        changed.append(f"global batch {batch(saved['train'])} (now {batch(train)}: per-device batch x accumulation x "
-                       f"{train['world_size']} processes; set --gradient_accumulation_steps to keep it)")
+    if saved["train"].get("global_batch", global_batch) != global_batch:  # another GPU count: keep the batch
+        changed.append(f"global batch {saved['train']['global_batch']} (now {global_batch}: per-device batch x GPUs x "
+                       "accumulation; set --gradient_accumulation_steps to keep it)")
     if changed:
         raise TinyVLAError(f"{resume} was trained on other data or settings: {', '.join(changed)}; resume with the "
                            "same ones, or start a new run in another --output_dir")
@@ -1248,9 +1246,9 @@ def check_resume(resume, m, d, stats, train):
 def make_trainer(m, d, e, targs):
     """Datasets, model (LoRA-wrapped by TRL when use_lora) and the trainer for a parsed config."""
     train_ds, val_ds, stats = build_datasets(d, targs.seed)
-    train_config = {**targs.to_dict(), "world_size": targs.world_size}
+    global_batch = targs.train_batch_size * targs.gradient_accumulation_steps * targs.world_size  # DataParallel too
     if targs.resume_from_checkpoint:  # before the model loads and the Trainer makes output_dir
-        check_resume(targs.resume_from_checkpoint, m, d, stats, train_config)
+        check_resume(targs.resume_from_checkpoint, m, d, stats, global_batch)
     if val_ds is None:  # val_ratio 0, or a single episode
         targs.eval_strategy = "no"
         if d.val_ratio > 0:
@@ -1262,7 +1260,8 @@ def make_trainer(m, d, e, targs):
                            f"({', '.join(s for s in specials if s in bad)}); reword it in meta/tasks")
     peft_config = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, bias="none",
                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM") if m.use_lora else None
-    run_config = {"model": asdict(m), "data": asdict(d), "eval": asdict(e), "train": train_config}
+    run_config = {"model": asdict(m), "data": asdict(d), "eval": asdict(e),
+                  "train": {**targs.to_dict(), "global_batch": global_batch}}
     return VLATrainer(model=model, args=targs, train_set=train_ds, val_set=val_ds, processing_class=processor,
                       peft_config=peft_config, run_config=run_config, stats=stats,
                       collator=Collator(processor, d, len(stats["global"]["lo"])))
@@ -1282,10 +1281,13 @@ def train_summary(trainer, final):
 
 def train(m, d, e, targs):
     final = Path(targs.output_dir) / "final"
-    trainer, resume = make_trainer(m, d, e, targs), targs.resume_from_checkpoint
     busy = f"another run is training into {targs.output_dir}: wait for it, or stop it (a killed launcher's workers " \
         "may live on)"  # one run per output_dir: a requeued job may meet the workers of the one it replaces
-    with hold_lock(Path(targs.output_dir, ".tinyvla.lock"), busy) if trainer.is_world_process_zero() else nullcontext():
+    lock = lambda: hold_lock(Path(targs.output_dir, ".tinyvla.lock"), busy) if targs.process_index == 0 else \
+        nullcontext()  # taken before anything loads where the dir exists; a new dir is made once the inputs pass
+    early = lock() if Path(targs.output_dir).is_dir() else None
+    trainer, resume = make_trainer(m, d, e, targs), targs.resume_from_checkpoint
+    with early or lock():
         if trainer.is_world_process_zero():
             save_run_info(targs.output_dir, trainer.run_config, trainer.stats)
         if resume and 0 < targs.max_steps <= trained_steps(resume):  # stopped while saving final/: save it (the
