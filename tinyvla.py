@@ -15,6 +15,7 @@ import pickle
 import queue
 import random
 import re
+import shutil
 import sys
 import threading
 import time
@@ -634,9 +635,10 @@ class VLATrainer(SFTTrainer):
             self.log(self.generation_metrics())
         if losses and losses[-1] < min(losses[:-1], default=math.inf):
             best = Path(self.args.output_dir, "best")
-            if self.args.should_save:  # rewritten in place: not a checkpoint until whole again (the stats go last)
-                (best / ACTION_STATS).unlink(missing_ok=True)
-            self.save_model(str(best))
+            self.save_model(str(best.with_name("best.saving")))  # beside it: a kill leaves the previous best/ whole
+            if self.args.should_save:
+                shutil.rmtree(best, ignore_errors=True)
+                best.with_name("best.saving").rename(best)
         return metrics
 
     @torch.no_grad()
