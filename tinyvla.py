@@ -634,11 +634,11 @@ class VLATrainer(SFTTrainer):
         if every and len(losses) % every == 0:
             self.log(self.generation_metrics())
         if losses and losses[-1] < min(losses[:-1], default=math.inf):
-            best = Path(self.args.output_dir, "best")
-            self.save_model(str(best.with_name("best.saving")))  # beside it: a kill leaves the previous best/ whole
+            best, saving = Path(self.args.output_dir, "best"), Path(self.args.output_dir, "best.saving")
+            self.save_model(str(saving))  # beside it: a kill leaves the previous best/ whole
             if self.args.should_save:
                 shutil.rmtree(best, ignore_errors=True)
-                best.with_name("best.saving").rename(best)
+                saving.rename(best)
         return metrics
 
     @torch.no_grad()
