@@ -72,8 +72,10 @@ episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an ep
 EVAL_SETUP = ("action_horizon", "ensemble_window", "ensemble_version", "ensemble_weight", "episode_max_steps")
 
 
-# No business of the user's: robosuite's macro-file advice, a bitsandbytes kernel fetch, a deprecated name PEFT reads
+# No business of the user's: robosuite's macro-file advice, a bitsandbytes kernel fetch, a deprecated name PEFT reads,
+# the Trainer giving Qwen's configs the tokenizer's pad id (they have none; decoding sets every token id itself)
 logging.getLogger("robosuite_logs").addFilter(lambda r: "macro" not in r.getMessage())
+logging.getLogger("transformers.trainer_utils").addFilter(lambda r: "new PAD/BOS/EOS" not in r.getMessage())
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
 
@@ -782,7 +784,7 @@ def predict(model, collator, stats, images, tasks, decoder="speculative", drafts
         texts, passes = speculative_decode(model, inputs, grammar, collator.pad_id, [*drafts, *drafts[-1:] * pad],
                                            width, static)
     else:  # set every field: generate() fills unset ones from Qwen's generation_config (sampling, penalty 1.05)
-        gen = GenerationConfig(max_new_tokens=TOKENS_PER_NUMBER * n, do_sample=False, num_beams=1,
+        gen = GenerationConfig(max_new_tokens=TOKENS_PER_NUMBER * n, do_sample=False, num_beams=1, temperature=1.0,
                                repetition_penalty=1.0, eos_token_id=collator.end_id, pad_token_id=collator.pad_id)
         out = model.generate(**inputs, generation_config=gen, logits_processor=[grammar])
         texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,4 +1,5 @@
 """Constrained decoding, the batched policy, action ensembling and generation metrics."""
+import logging
 import math
 
 import numpy as np
@@ -145,9 +146,9 @@ def test_batched_and_single_predictions_agree(policy):
     assert np.all(batched >= lo - 1e-9) and np.all(batched <= hi + 1e-9) and policy.parse_failures == 0
 
 
-def test_generate_is_plain_constrained_greedy(policy):
-    """generate() equals a hand-written greedy loop over the same grammar: the checkpoint's sampling and
-    repetition penalty (1.05 in the saved generation_config) are not applied."""
+def test_generate_is_plain_constrained_greedy(policy, caplog):
+    """generate() equals a hand-written greedy loop over the same grammar: the checkpoint's sampling, temperature and
+    repetition penalty (1.05 in the saved generation_config) are not applied, nor warned about."""
     import json
     import tiny
     saved = json.loads((tinyvla.Path(policy.m.model_id) / "generation_config.json").read_text())
@@ -174,8 +175,11 @@ def test_generate_is_plain_constrained_greedy(policy):
     text = col.processor.tokenizer.decode(generated, skip_special_tokens=True)
     lo, hi = tinyvla.action_bounds(policy.stats)
     manual = tinyvla.text_to_actions(text, lo, hi, 1000, 8)
-    pred, ok, _ = tinyvla.predict(model, col, policy.stats, obs, [tiny.TASKS[0]])
+    caplog.clear()
+    pred, ok, _ = tinyvla.predict(model, col, policy.stats, obs, [tiny.TASKS[0]], "generate")
     assert ok.all() and np.allclose(pred[0], manual)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # Qwen's temperature: no flag
+    # of the user's (transformers warned that it is not valid for greedy decoding)
 
 
 def test_generation_metrics_logged(trained_run):

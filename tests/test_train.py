@@ -37,9 +37,11 @@ def check_final(out, use_lora):
 @pytest.mark.parametrize("lora", [False, True])
 def test_cli_trains_and_saves_final(lora, tiny_model, dataset_v2, tmp_path):
     out = tmp_path / "run"
-    run_cli(*train_args(tiny_model, dataset_v2, out, "--use_lora", lora, "--save_strategy", "steps",
-                        "--save_steps", "2", "--eval_strategy", "no"))
+    r = run_cli(*train_args(tiny_model, dataset_v2, out, "--use_lora", lora, "--save_strategy", "steps",
+                            "--save_steps", "2", "--eval_strategy", "no"))
     check_final(out, lora)
+    noise = [line for line in r.stderr.splitlines() if re.search(r"warn|^\[transformers\]", line, re.IGNORECASE)]
+    assert not noise  # nothing the user did (Qwen's config has no pad id; the Trainer sets the tokenizer's)
     ckpt = out / "checkpoint-2"
     assert (ckpt / tinyvla.RUN_CONFIG).exists() and (ckpt / tinyvla.ACTION_STATS).exists()
     if lora:  # only the language model's projections carry adapters

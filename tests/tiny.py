@@ -69,9 +69,8 @@ def make_model_dir(out, tokenizer=None, chat_template=CHAT_TEMPLATE, vocab_size=
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=2048,
                          rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"],
-                         tie_word_embeddings=True),
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],  # no pad id: the real
+                         tie_word_embeddings=True),  # config has none (the Trainer sets the tokenizer's, and says so)
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[1]),
@@ -80,8 +79,8 @@ def make_model_dir(out, tokenizer=None, chat_template=CHAT_TEMPLATE, vocab_size=
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config)
     # Like the real checkpoint: sampling with a repetition penalty, which TinyVLA must override at inference.
-    model.generation_config.update(do_sample=True, repetition_penalty=1.05, eos_token_id=ids["<|im_end|>"],
-                                   pad_token_id=ids["<|endoftext|>"])
+    model.generation_config.update(do_sample=True, repetition_penalty=1.05, temperature=1e-6, bos_token_id=ids[
+        "<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"])
     out = Path(out)
     model.save_pretrained(out)
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
