@@ -132,7 +132,8 @@ class ModelArgs(Checked):
 @dataclass
 class DataArgs(Checked):
     repo_id: str = arg("physical-intelligence/libero", "LeRobot dataset: hub id or dir.")
-    image_keys: list[str] = arg(["image", "wrist_image"], "Camera features: agent view, then wrist.")
+    image_keys: list[str] = arg(["image", "wrist_image"], "Camera features: agent view, then wrist (the LIBERO eval "
+                                "shows a one-camera policy its agent view).")
     action_key: str = arg("actions", "Action feature (v3.0 layout: action).")
     val_ratio: float = arg(0.1, "Fraction of episodes held out for validation (> 0: at least one).", "[0, 1)")
     horizon: int = arg(8, "Actions predicted per observation.", "[1, inf)")
@@ -214,6 +215,8 @@ def parse_args(argv=None):
                            "when training ends, so a run killed before final/ is saved would train again; use 2")
     if len(dargs.image_keys) not in (1, 2):
         raise TinyVLAError("image_keys takes one or two camera features (agent view, wrist)")
+    if not ckpt and eargs.action_horizon > dargs.horizon:  # saved with the run: every eval of it would stop
+        raise TinyVLAError(f"action_horizon {eargs.action_horizon} is longer than the chunks (horizon {dargs.horizon})")
     if eargs.shard_id >= eargs.num_shards:
         raise TinyVLAError(f"shard_id must be in [0, {eargs.num_shards - 1}] (below num_shards), got {eargs.shard_id}")
     if targs.dataloader_num_workers and targs.dataloader_multiprocessing_context is None:  # workers inherit the
@@ -811,7 +814,10 @@ class Policy:
     def __call__(self, observations, tasks, drafts=None):
         """observations: per env a list of camera frames (HWC uint8, dataset orientation) -> [B, H, D] actions.
         drafts: per env the chunk expected (see draft), or None; they save forward passes, never change an action."""
-        images = [prepare_images(obs[:len(self.d.image_keys)], self.d) for obs in observations]
+        if bad := {len(obs) for obs in observations} - {len(self.d.image_keys)}:  # a frame more or less: a silently
+            raise ValueError(f"the policy takes {len(self.d.image_keys)} camera frames per observation "  # wrong tile
+                             f"({', '.join(self.d.image_keys)}), got {', '.join(map(str, sorted(bad)))}")
+        images = [prepare_images(obs, self.d) for obs in observations]
         actions, ok, passes = predict(self.model.eval(), self.collator, self.stats, images, tasks, self.decoder,
                                       drafts, self.width)
         self.parse_failures += int((~ok).sum())
@@ -1058,7 +1064,7 @@ def evaluate_libero(ckpt, e, policy=None):
     pending = deque(ep for ep in all_episodes[e.shard_id::e.num_shards] if episode_key(ep) not in finished)
     ctx, n, todo = mp.get_context("spawn"), min(e.num_envs, len(pending)), len(pending)
     batcher, events = Batcher(policy), queue.SimpleQueue()  # events: (episode, "done" or "error", result or text)
-    calls, passes = policy.calls, policy.passes
+    calls, passes, cameras = policy.calls, policy.passes, len(policy.d.image_keys)  # one camera: the agent view
 
     def relay(conn, proc):  # a thread per simulator: hands it episodes, passes its observations to the batcher
         try:
@@ -1068,7 +1074,7 @@ def evaluate_libero(ckpt, e, policy=None):
                 chunk = None
                 while (msg := conn.recv())[0] == "obs":  # lockstep: full policy batches of the envs stepping
                     try:
-                        chunk = batcher(msg[1], ep["task"], draft(chunk, e.action_horizon), lockstep=True)[0]
+                        chunk = batcher(msg[1][:cameras], ep["task"], draft(chunk, e.action_horizon), lockstep=True)[0]
                     except Exception as err:  # the policy failed (whatever the error, not the pipe): the main
                         events.put((ep, "raise", err))  # thread raises it
                         return

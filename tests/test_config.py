@@ -124,6 +124,7 @@ BAD_INPUTS = [  # (flags, what the one line must say); each is checked before an
     (["--num_shards", "0"], "num_shards must be in [1, inf), got 0"),
     (["--shard_id", "2", "--num_shards", "2"], "shard_id must be in [0, 1] (below num_shards), got 2"),
     (["--action_horizon", "0"], "action_horizon must be in [1, inf), got 0"),
+    (["--action_horizon", "9"], "action_horizon 9 is longer than the chunks (horizon 8)"),  # the run's evals would stop
     (["--ensemble_window", "0"], "ensemble_window must be in [1, inf), got 0"),
     (["--image_keys", "a", "b", "c"], "image_keys takes one or two camera features"),
     (["--image_keys", "image", "state"], "image_keys ['state'] of {dataset} are not cameras (dtype image or video)"),

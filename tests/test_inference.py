@@ -146,6 +146,17 @@ def test_batched_and_single_predictions_agree(policy):
     assert np.all(batched >= lo - 1e-9) and np.all(batched <= hi + 1e-9) and policy.parse_failures == 0
 
 
+def test_a_camera_more_or_less_is_refused(policy):
+    """Each observation holds the checkpoint's cameras: a frame less was stretched to the tile's size, one more
+    dropped, and either way the policy answered."""
+    import tiny
+    obs = observations(2)
+    for bad, got in (([obs[0][:1], obs[1]], 1), ([obs[0] + obs[0][:1]], 3)):
+        message = rf"takes 2 camera frames per observation \(image, wrist_image\), got {got}$"
+        with pytest.raises(ValueError, match=message):
+            policy(bad, tiny.TASKS[:len(bad)])
+
+
 def test_generate_is_plain_constrained_greedy(policy, caplog):
     """generate() equals a hand-written greedy loop over the same grammar: the checkpoint's sampling, temperature and
     repetition penalty (1.05 in the saved generation_config) are not applied, nor warned about."""

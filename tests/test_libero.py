@@ -127,9 +127,13 @@ tinyvla.evaluate_libero(e.eval, e, Failing(e.eval, "cpu"))
 
 def test_action_horizon_queries_every_nth_step(trained_run, tmp_path):
     """Also: by default the results go beside the checkpoints (`--eval .` from inside one too), where the Trainer's
-    checkpoint rotation (save_total_limit) does not delete them with the checkpoint; a task named twice runs once."""
+    checkpoint rotation (save_total_limit) does not delete them with the checkpoint; a task named twice runs once; a
+    one-camera policy is given one frame (the agent view)."""
     ckpt = tmp_path / "run" / "checkpoint-4"
     shutil.copytree(trained_run[0] / "final", ckpt)
+    config = json.loads((ckpt / "tinyvla_config.json").read_text())
+    config["data"]["image_keys"] = ["image"]  # as trained with --image_keys image
+    (ckpt / "tinyvla_config.json").write_text(json.dumps(config))
     r = subprocess.run(eval_cmd(".", None, "--episodes_per_task", 1, "--episode_max_steps", 3, "--num_envs", 1,
                                 "--save_video", "false", "--action_horizon", 2, "--task_ids", 0, 0),
                        capture_output=True, text=True, timeout=900, cwd=ckpt)
