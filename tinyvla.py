@@ -120,7 +120,7 @@ class Checked:
 
 @dataclass
 class ModelArgs(Checked):
-    model_id: str = arg("Qwen/Qwen2.5-VL-3B-Instruct", "Hub id or local dir of the VLM.")
+    model_id: str = arg("Qwen/Qwen2.5-VL-3B-Instruct", "Hub id or local dir of a Qwen2.5-VL or Qwen3-VL.")
     dtype: Literal["bfloat16", "float16", "float32"] = arg("bfloat16", "Weights dtype.")
     attn_implementation: Literal["sdpa", "flash_attention_2", "flash_attention_3", "eager"] = arg("sdpa", "")
     use_lora: bool = arg(False, "Train LoRA adapters instead of all weights.")

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import QWEN_DIR, ROOT, needs_shared, train_args
+from conftest import QWEN_DIR, ROOT, needs_shared, observations, train_args
 
 import tiny
 import tinyvla
@@ -376,6 +376,26 @@ def test_real_tokenizer_and_template_train(dataset_v2, tmp_path):
     out = tmp_path / "run"
     run_cli(*train_args(model, dataset_v2, out, "--max_steps", "2", "--eval_strategy", "no"))
     check_final(out, False)
+
+
+def test_qwen3_vl_trains_and_decodes_as_generate(dataset_v2, tmp_path):
+    """Another base model, as a user swaps it in: a Qwen3-VL (interleaved M-RoPE, DeepStack vision, 16 px patches)
+    trains through the real CLI, and on it every decoder gives generate()'s actions, row for row."""
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny.make_model_dir(tmp_path / "qwen3", qwen3=True), dataset_v2, out, "--eval_strategy", "no"))
+    policy = tinyvla.Policy(out / "final", device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():  # large random weights: each row decodes differently, so a mix-up of rows shows
+        for p in policy.model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    images = [tinyvla.prepare_images(o, policy.d) for o in observations(3, seed=5)]
+    args = (policy.model, policy.collator, policy.stats, images, tiny.TASKS[:3])
+    plain, ok, _ = tinyvla.predict(*args, "generate")
+    assert ok.all() and len({tuple(row) for row in plain.reshape(3, -1)}) == 3
+    for decoder, drafts, width in (("speculative", None, 8), ("speculative", [tinyvla.draft(c, 1) for c in plain], 16),
+                                   ("static", None, 8)):
+        assert np.array_equal(tinyvla.predict(*args, decoder, drafts, width)[0], plain), (decoder, width)
 
 
 def test_training_learns_each_tasks_actions(tiny_model, tmp_path):

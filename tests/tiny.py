@@ -56,36 +56,42 @@ def make_tokenizer():
                                                          "vision_eos_token": "<|vision_end|>"})
 
 
-def make_model_dir(out, tokenizer=None, chat_template=CHAT_TEMPLATE, vocab_size=None):
-    """Save a random 2-layer Qwen2.5-VL (text hidden 64) and its processor to `out`; return the path."""
+def make_model_dir(out, tokenizer=None, chat_template=CHAT_TEMPLATE, vocab_size=None, qwen3=False):
+    """Save a random 2-layer Qwen2.5-VL (text hidden 64) and its processor to `out`; return the path. qwen3: a
+    Qwen3-VL instead (interleaved M-RoPE, DeepStack, 16 px patches, as Qwen3-VL-2B-Instruct's processor config)."""
     import torch
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    import transformers as tf
 
     tokenizer = tokenizer or make_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
-    config = Qwen2_5_VLConfig(
+    patch = 16 if qwen3 else 14
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=patch,
+                  spatial_merge_size=2, temporal_patch_size=2, **(
+                      dict(num_position_embeddings=256, deepstack_visual_indexes=[0, 1]) if qwen3 else
+                      dict(window_size=112, fullatt_block_indexes=[1])))
+    config = (tf.Qwen3VLConfig if qwen3 else tf.Qwen2_5_VLConfig)(
         text_config=dict(vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=2048, rope_parameters=dict(
+                             rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3],
+                             **({"mrope_interleaved": True} if qwen3 else {})),
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],  # no pad id: the real
                          tie_word_embeddings=True),  # config has none (the Trainer sets the tokenizer's, and says so)
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1]),
+        vision_config=vision, tie_word_embeddings=True,  # Qwen3-VL reads it here (2B and 4B tie theirs)
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = (tf.Qwen3VLForConditionalGeneration if qwen3 else tf.Qwen2_5_VLForConditionalGeneration)(config)
     # Like the real checkpoint: sampling with a repetition penalty, which TinyVLA must override at inference.
     model.generation_config.update(do_sample=True, repetition_penalty=1.05, temperature=1e-6, bos_token_id=ids[
         "<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"])
     out = Path(out)
     model.save_pretrained(out)
-    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=chat_template)
+    image_processor = tf.Qwen2VLImageProcessor(patch_size=patch, size={"shortest_edge": (4 * patch) ** 2,
+                                                                       "longest_edge": (2 * patch) ** 2 * 1280})
+    processor = (tf.Qwen3VLProcessor if qwen3 else tf.Qwen2_5_VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+        video_processor=tf.Qwen3VLVideoProcessor() if qwen3 else tf.Qwen2VLVideoProcessor())
     processor.save_pretrained(out)
     return out
 
