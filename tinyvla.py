@@ -66,6 +66,8 @@ WAIT_STEPS, WAIT_ACTION = 10, [0.0] * 6 + [-1.0]  # let objects settle after set
 ENV_SEED, CAMERA_RES = 7, 256
 TOKENS_PER_NUMBER = 5  # answer length bound: up to 4 digits ("1000"), then a space or (after the last) the end token
 PROMPT_BUCKET = 64  # decoder static: prompts are left-padded to a multiple of this, so few shapes get compiled
+GREEDY = dict(do_sample=False, num_beams=1, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0)  # every
+# field neutral: generate() fills unset ones from the model's generation_config (Qwen's sampling, penalty 1.05)
 CLASS_CHARS = "0123456789 $"  # the grammar's token classes as text: digits, the space, "$" for END_TOKEN
 MAX_PROMPT_CHARS = 1000  # served instructions (LIBERO's longest: about 100): a longer one slows its round's clients
 episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an episode in LIBERO eval results
@@ -786,9 +788,9 @@ def predict(model, collator, stats, images, tasks, decoder="speculative", drafts
             [None] * b if drafts is None else list(drafts))]  # a [B, H, D] array (the policy's own output) too
         texts, passes = speculative_decode(model, inputs, grammar, collator.pad_id, [*drafts, *drafts[-1:] * pad],
                                            width, static)
-    else:  # set every field: generate() fills unset ones from Qwen's generation_config (sampling, penalty 1.05)
-        gen = GenerationConfig(max_new_tokens=TOKENS_PER_NUMBER * n, do_sample=False, num_beams=1, temperature=1.0,
-                               repetition_penalty=1.0, eos_token_id=collator.end_id, pad_token_id=collator.pad_id)
+    else:
+        gen = GenerationConfig(max_new_tokens=TOKENS_PER_NUMBER * n, eos_token_id=collator.end_id,
+                               pad_token_id=collator.pad_id, **GREEDY)
         out = model.generate(**inputs, generation_config=gen, logits_processor=[grammar])
         texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         passes = out.shape[1] - inputs["input_ids"].shape[1]  # the prompt's, then one per new token but the last

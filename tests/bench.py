@@ -145,12 +145,12 @@ def bench_generate(real=False, batches=(1, 8, 32), static_batches=(1, 8, 32)):
     inputs = col.prompts([{"images": o, "task": t} for o, t in zip(obs(1), tasks(1))]).to(device)
     from transformers import GenerationConfig
     grammar = lambda: [tinyvla.ActionGrammar(processor.tokenizer, 56, d.num_bins)]
-    con = GenerationConfig(max_new_tokens=tinyvla.TOKENS_PER_NUMBER * 56, do_sample=False, eos_token_id=col.end_id,
-                           pad_token_id=col.pad_id)
+    con = GenerationConfig(max_new_tokens=tinyvla.TOKENS_PER_NUMBER * 56, eos_token_id=col.end_id,
+                           pad_token_id=col.pad_id, **tinyvla.GREEDY)
     n_tok = model.generate(**inputs, generation_config=con, logits_processor=grammar()).shape[1] - \
         inputs["input_ids"].shape[1]
-    free = GenerationConfig(max_new_tokens=n_tok, min_new_tokens=n_tok, do_sample=False, eos_token_id=col.end_id,
-                            pad_token_id=col.pad_id)
+    free = GenerationConfig(max_new_tokens=n_tok, min_new_tokens=n_tok, eos_token_id=col.end_id,
+                            pad_token_id=col.pad_id, **tinyvla.GREEDY)
     reps = 1 if real else 3  # a 3B answer takes seconds: best of 3x3 would cost minutes of device time
     t_free = min(timed(lambda: model.generate(**inputs, generation_config=free), reps, not real) for _ in range(reps))
     t_con = min(timed(lambda: model.generate(**inputs, generation_config=con, logits_processor=grammar()), reps,
