@@ -816,8 +816,8 @@ class Policy:
     def __call__(self, observations, tasks, drafts=None):
         """observations: per env a list of camera frames (HWC uint8, dataset orientation) -> [B, H, D] actions.
         drafts: per env the chunk expected (see draft), or None; they save forward passes, never change an action."""
-        if bad := {len(obs) for obs in observations} - {len(self.d.image_keys)}:  # a frame more or less: a silently
-            raise ValueError(f"the policy takes {len(self.d.image_keys)} camera frames per observation "  # wrong tile
+        if bad := {len(obs) for obs in observations} - {len(self.d.image_keys)}:  # else: another tile, and an answer
+            raise ValueError(f"the policy takes {len(self.d.image_keys)} camera frames per observation "
                              f"({', '.join(self.d.image_keys)}), got {', '.join(map(str, sorted(bad)))}")
         images = [prepare_images(obs, self.d) for obs in observations]
         actions, ok, passes = predict(self.model.eval(), self.collator, self.stats, images, tasks, self.decoder,
