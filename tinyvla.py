@@ -41,7 +41,7 @@ import yaml
 from peft import LoraConfig, PeftModel
 from tqdm import tqdm
 from transformers import (AutoModelForImageTextToText, AutoProcessor, CompileConfig, GenerationConfig, LogitsProcessor,
-                          StaticCache, TrainerState, set_seed)
+                          StaticCache, TrainerCallback, TrainerState)
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 # ----------------------------------------------------------------------------- config
@@ -221,6 +221,9 @@ def parse_args(argv=None):
         raise TinyVLAError(f"action_horizon {eargs.action_horizon} is longer than the chunks (horizon {dargs.horizon})")
     if eargs.shard_id >= eargs.num_shards:
         raise TinyVLAError(f"shard_id must be in [0, {eargs.num_shards - 1}] (below num_shards), got {eargs.shard_id}")
+    if targs.dataloader_persistent_workers:  # a worker would live through the epochs, drawing the first one's again
+        raise TinyVLAError("dataloader_persistent_workers: a sample's augmentation follows the epoch, which only new "
+                           "workers learn; leave it off (workers start once an epoch)")
     if targs.dataloader_num_workers and targs.dataloader_multiprocessing_context is None:  # workers inherit the
         targs.dataloader_multiprocessing_context = "fork"  # dataset; Python 3.14's default (forkserver) would pickle it
     if not (eargs.eval or eargs.serve):
@@ -437,15 +440,16 @@ def text_to_actions(text, lo, hi, bins, horizon):
     return values.reshape(horizon, len(lo)) / bins * (hi - lo) + lo
 
 
-def mask_digits(text, pct, rng=random):
+def mask_digits(text, pct, rng):
     """VLA-0's augmentation: with prob 0.9, replace a U(0, pct) fraction of the digits (never spaces) by MASK_CHAR."""
     digits = [i for i, c in enumerate(text) if c.isdigit()]
     hidden = set(rng.sample(digits, int(rng.uniform(0, pct) * len(digits)))) if pct > 0 and rng.random() >= 0.1 else ()
     return "".join(MASK_CHAR if i in hidden else c for i, c in enumerate(text))
 
 
-def prepare_images(images, d, train=False):
-    """Camera frames (HWC uint8) -> crop (random at train, else centre), resize, jitter (train), tile. Train = eval."""
+def prepare_images(images, d, rng=None):
+    """Camera frames (HWC uint8) -> crop (random: a training sample's rng; else centre), resize, jitter (training),
+    tile. Training and eval share it."""
     import torchvision.transforms.v2 as T
     import torchvision.transforms.v2.functional as F
     out = []
@@ -453,19 +457,26 @@ def prepare_images(images, d, train=False):
         img = torch.from_numpy(np.array(img)).permute(2, 0, 1)
         h, w = img.shape[1:]
         ch, cw = int(h * d.crop_ratio), int(w * d.crop_ratio)
-        top, left = (random.randint(0, h - ch), random.randint(0, w - cw)) if train else ((h - ch) // 2, (w - cw) // 2)
+        top, left = (rng.randint(0, h - ch), rng.randint(0, w - cw)) if rng else ((h - ch) // 2, (w - cw) // 2)
         out.append(F.resized_crop(img, top, left, ch, cw, [d.img_size, d.img_size], antialias=True))
-    if train and d.color_jitter:  # as VLA-0 does: one draw for all cameras (stacked), on floats in [0, 1]
-        out = list((T.ColorJitter(0.2, 0.2, 0.2, 0.05)(torch.stack(out) / 255.0) * 255.0).to(torch.uint8))
+    if rng and d.color_jitter:  # as VLA-0 does: one draw for all cameras (stacked), on floats in [0, 1]
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's generator: seeded by rng, restored
+            torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU one (torch.manual_seed: all, 0.2 ms)
+            out = list((T.ColorJitter(0.2, 0.2, 0.2, 0.05)(torch.stack(out) / 255.0) * 255.0).to(torch.uint8))
     return [torch.cat(out, dim=2)] if d.tile_images else out
 
 
-class VLADataset(torch.utils.data.Dataset):
-    """Sample = (camera images at frame t, instruction, answer text for actions t..t+H-1, padded with the last)."""
+class VLADataset(torch.utils.data.Dataset, TrainerCallback):
+    """Sample = (camera images at frame t, instruction, answer text for actions t..t+H-1, padded with the last). A
+    training sample's random draws (crop, jitter, masks) follow from (seed, epoch, index) alone: a resumed run draws
+    what an uninterrupted one did, whatever the number of DataLoader workers or GPUs."""
 
-    def __init__(self, frames, rows, actions, ep_end, tasks, stats, d, train):
+    def __init__(self, frames, rows, actions, ep_end, tasks, stats, d, train, seed):
         self.frames, self.rows, self.actions, self.ep_end, self.tasks = frames, rows, actions, ep_end, tasks
-        self.stats, self.d, self.train = stats, d, train
+        self.stats, self.d, self.train, self.seed, self.epoch = stats, d, train, seed, 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):  # the Trainer's, before its DataLoader starts workers
+        self.epoch = int(state.epoch or 0)  # resumed mid-epoch: the checkpoint's
 
     def __len__(self):
         return len(self.rows)
@@ -475,9 +486,10 @@ class VLADataset(torch.utils.data.Dataset):
         return self.actions[np.minimum(r + np.arange(self.d.horizon), self.ep_end[r] - 1)]
 
     def __getitem__(self, i):
+        rng = random.Random(f"{self.seed} {self.epoch} {i}") if self.train else None
         answer = actions_to_text(self.chunk(i), *action_bounds(self.stats), self.d.num_bins)
-        answer = mask_digits(answer, self.d.action_mask_aug_pct) if self.train else answer
-        images = prepare_images(self.frames(self.rows[i]), self.d, self.train)
+        answer = mask_digits(answer, self.d.action_mask_aug_pct, rng) if rng else answer
+        images = prepare_images(self.frames(self.rows[i]), self.d, rng)
         return {"images": images, "task": self.tasks[self.rows[i]], "answer": answer}
 
     def as_hf(self, limit=0):
@@ -525,7 +537,7 @@ def build_datasets(d, seed):
         row = table[int(r)] if table.column_names else {}
         return [video_frame(*videos[k][r], info["fps"]) if k in videos else np.asarray(row[k]) for k in keys]
     frames(0)  # a codec PyAV cannot decode fails now, not in a DataLoader worker
-    make = lambda rows, train: VLADataset(frames, rows, actions, ep_end, tasks, stats, d, train)
+    make = lambda rows, train: VLADataset(frames, rows, actions, ep_end, tasks, stats, d, train, seed)
     return make(train_rows, True), (make(val_rows, False) if n_val else None), stats
 
 
@@ -598,7 +610,8 @@ class VLATrainer(SFTTrainer):
     def __init__(self, *args, train_set, val_set, run_config, stats, collator, **kwargs):
         e = run_config["eval"]
         val = val_set and val_set.as_hf(e["eval_max_batches"] * kwargs["args"].per_device_eval_batch_size)
-        super().__init__(*args, train_dataset=train_set.as_hf(), eval_dataset=val, data_collator=collator, **kwargs)
+        super().__init__(*args, train_dataset=train_set.as_hf(), eval_dataset=val, data_collator=collator,
+                         callbacks=[train_set], **kwargs)  # it is told each epoch
         self.val_set, self.run_config, self.stats = val_set, run_config, stats
 
     def _save_checkpoint(self, model, trial):  # save_strategy "epoch" saves every epoch: keep every n-th, and the
@@ -607,13 +620,6 @@ class VLATrainer(SFTTrainer):
         last = self.state.global_step >= self.state.max_steps  # the run's end: a kill saving final/ resumes from it
         if self.args.save_strategy != "epoch" or round(self.state.epoch) % n == 0 or best or last:
             super()._save_checkpoint(model, trial)
-
-    def get_train_dataloader(self):
-        """Its sampler seeded alike in every process (one order, shared out), each process then draws augmentation of
-        its own: without DataLoader workers, every GPU's samples of a step got the same crops, jitter and masks."""
-        loader = super().get_train_dataloader()
-        set_seed(self.args.seed + self.args.process_index)
-        return loader
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)  # transformers calls it on every rank (to gather sharded weights)

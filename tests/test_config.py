@@ -130,6 +130,8 @@ BAD_INPUTS = [  # (flags, what the one line must say); each is checked before an
     (["--image_keys", "image", "state"], "image_keys ['state'] of {dataset} are not cameras (dtype image or video)"),
     (["--action_key", "image"], "action_key 'image' of {dataset} is image, not numbers: set --action_key"),
     (["--dataloader_num_workers", "-1"], "dataloader_num_workers must be an integer in [0, inf), got -1"),
+    (["--dataloader_num_workers", "2", "--dataloader_persistent_workers", "true"],  # every epoch: the first's draws
+     "dataloader_persistent_workers: a sample's augmentation follows the epoch, which only new workers learn"),
     (["--max_length", "64", "--packing", "true"], "max_length, packing: TinyVLA's collator builds every batch"),
     (["--save_total_limit", "1", "--load_best_model_at_end", "true"], "save_total_limit 1 with a best model: "
      "transformers deletes every checkpoint but the best when training ends"),

@@ -53,7 +53,7 @@ def test_image_shapes(tile):
     d = tinyvla.DataArgs(tile_images=tile)
     frames = [np.random.randint(0, 255, (256, 256, 3), np.uint8) for _ in range(2)]
     for train in (True, False):
-        out = tinyvla.prepare_images(frames, d, train=train)
+        out = tinyvla.prepare_images(frames, d, random.Random(0) if train else None)
         assert [tuple(x.shape) for x in out] == ([(3, 224, 448)] if tile else [(3, 224, 224)] * 2)
         assert out[0].dtype == torch.uint8
     # eval is deterministic: a centre crop, no jitter; the left half of the tile is the agent view
@@ -63,10 +63,28 @@ def test_image_shapes(tile):
     assert torch.equal(a[0][:, :, :224], single)
     # training jitter is drawn once for all cameras (VLA-0 jitters its stacked images): same frame in, same out
     full = tinyvla.DataArgs(crop_ratio=1.0, tile_images=tile)
-    same = tinyvla.prepare_images([frames[0]] * 2, full, train=True)
+    same = tinyvla.prepare_images([frames[0]] * 2, full, random.Random(0))
     halves = torch.chunk(same[0], 2, dim=2) if tile else same
     plain = tinyvla.prepare_images([frames[0]], full)[0][:, :, :224]
     assert torch.equal(halves[0], halves[1]) and not torch.equal(halves[0], plain)  # jittered, alike
+
+
+def test_a_training_samples_draws_follow_from_seed_epoch_and_index(dataset_v2):
+    """Crops, jitter and masks are the same for the same sample again, new in another epoch or with another seed, and
+    leave torch's and Python's generators as they were (the Trainer saves and restores them; dropout uses them)."""
+    train, val, _ = tinyvla.build_datasets(data_args(dataset_v2), seed=42)
+    before = torch.get_rng_state(), random.getstate()
+
+    def draw(epoch, seed=42, i=5):
+        train.epoch, train.seed = epoch, seed
+        return train[i]
+    a = draw(0)
+    assert torch.equal(a["images"][0], draw(0)["images"][0]) and a["answer"] == draw(0)["answer"]
+    for other in (draw(1), draw(0, seed=43), draw(0, i=6)):
+        assert not torch.equal(a["images"][0], other["images"][0])
+    assert len({draw(epoch)["answer"] for epoch in range(10)}) > 5  # masks: 10 % of draws none, else a new set
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert "?" not in val[0]["answer"] and torch.equal(val[0]["images"][0], val[0]["images"][0])  # val: no draws
 
 
 @pytest.mark.parametrize("layout", ["v2", "v3"])
