@@ -38,11 +38,20 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 import yaml
-from peft import LoraConfig, PeftModel
 from tqdm import tqdm
-from transformers import (AutoModelForImageTextToText, AutoProcessor, CompileConfig, GenerationConfig, LogitsProcessor,
-                          StaticCache, TrainerCallback, TrainerState)
-from trl import SFTConfig, SFTTrainer, TrlParser
+
+# No business of the user's: robosuite's macro-file advice, a bitsandbytes kernel fetch (on a CPU with AVX512-BF16,
+# logged as transformers' Trainer imports PEFT, which imports bitsandbytes: so filtered first), a deprecated name PEFT
+# reads, the Trainer giving Qwen's configs the tokenizer's pad id (they have none; decoding sets every token id itself)
+logging.getLogger("robosuite_logs").addFilter(lambda r: "macro" not in r.getMessage())
+logging.getLogger("transformers.trainer_utils").addFilter(lambda r: "new PAD/BOS/EOS" not in r.getMessage())
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
+warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+
+from peft import LoraConfig, PeftModel  # noqa: E402
+from transformers import (AutoModelForImageTextToText, AutoProcessor, CompileConfig, GenerationConfig,  # noqa: E402
+                          LogitsProcessor, StaticCache, TrainerCallback, TrainerState)
+from trl import SFTConfig, SFTTrainer, TrlParser  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
 SYSTEM_PROMPT = ("Analyze the input image and predict robot actions for the next {H} timesteps. Each action has {D} "
@@ -72,14 +81,6 @@ CLASS_CHARS = "0123456789 $"  # the grammar's token classes as text: digits, the
 MAX_PROMPT_CHARS = 1000  # served instructions (LIBERO's longest: about 100): a longer one slows its round's clients
 episode_key = itemgetter("suite", "task_id", "episode")  # what identifies an episode in LIBERO eval results
 EVAL_SETUP = ("action_horizon", "ensemble_window", "ensemble_version", "ensemble_weight", "episode_max_steps")
-
-
-# No business of the user's: robosuite's macro-file advice, a bitsandbytes kernel fetch, a deprecated name PEFT reads,
-# the Trainer giving Qwen's configs the tokenizer's pad id (they have none; decoding sets every token id itself)
-logging.getLogger("robosuite_logs").addFilter(lambda r: "macro" not in r.getMessage())
-logging.getLogger("transformers.trainer_utils").addFilter(lambda r: "new PAD/BOS/EOS" not in r.getMessage())
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
-warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
 
 
 class TinyVLAError(Exception):
@@ -448,7 +449,7 @@ def mask_digits(text, pct, rng):
 
 
 def prepare_images(images, d, rng=None):
-    """Camera frames (HWC uint8) -> crop (random: a training sample's rng; else centre), resize, jitter (training),
+    """Camera frames (HWC uint8) -> crop (random: a training sample's rng; else centre), resize, jitter (with an rng),
     tile. Training and eval share it."""
     import torchvision.transforms.v2 as T
     import torchvision.transforms.v2.functional as F
@@ -460,9 +461,12 @@ def prepare_images(images, d, rng=None):
         top, left = (rng.randint(0, h - ch), rng.randint(0, w - cw)) if rng else ((h - ch) // 2, (w - cw) // 2)
         out.append(F.resized_crop(img, top, left, ch, cw, [d.img_size, d.img_size], antialias=True))
     if rng and d.color_jitter:  # as VLA-0 does: one draw for all cameras (stacked), on floats in [0, 1]
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's generator: seeded by rng, restored
-            torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU one (torch.manual_seed: all, 0.2 ms)
+        threads = torch.get_num_threads()  # one: contrast's mean rounds alike in the main process and in a worker
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's CPU generator (devices=[]: no CUDA
+            torch.default_generator.manual_seed(rng.getrandbits(63))  # in a forked worker), seeded by rng, restored
+            torch.set_num_threads(1)
             out = list((T.ColorJitter(0.2, 0.2, 0.2, 0.05)(torch.stack(out) / 255.0) * 255.0).to(torch.uint8))
+        torch.set_num_threads(threads)
     return [torch.cat(out, dim=2)] if d.tile_images else out
 
 
@@ -476,7 +480,7 @@ class VLADataset(torch.utils.data.Dataset, TrainerCallback):
         self.stats, self.d, self.train, self.seed, self.epoch = stats, d, train, seed, 0
 
     def on_epoch_begin(self, args, state, control, **kwargs):  # the Trainer's, before its DataLoader starts workers
-        self.epoch = int(state.epoch or 0)  # resumed mid-epoch: the checkpoint's
+        self.epoch = int(state.epoch or 0)  # state.epoch: 1.4 in epoch 1 (a resumed run's checkpoint), 2.0 at its end
 
     def __len__(self):
         return len(self.rows)
