@@ -651,11 +651,14 @@ class VLATrainer(SFTTrainer):
         if every and len(losses) % every == 0:
             self.log(self.generation_metrics())
         if losses and losses[-1] < min(losses[:-1], default=math.inf):
-            best, saving = Path(self.args.output_dir, "best"), Path(self.args.output_dir, "best.saving")
+            best, saving, old = (Path(self.args.output_dir, f"best{s}") for s in ("", ".saving", ".old"))
             self.save_model(str(saving))  # beside it: a kill leaves the previous best/ whole
-            if self.args.should_save:
-                shutil.rmtree(best, ignore_errors=True)
+            if self.args.should_save:  # swapped by renames, the old one deleted after: a kill while deleting it
+                shutil.rmtree(old, ignore_errors=True)  # (gigabytes, maybe on a network disk) leaves best/ whole too
+                if best.exists():
+                    best.rename(old)
                 saving.rename(best)
+                shutil.rmtree(old, ignore_errors=True)
         return metrics
 
     @torch.no_grad()
@@ -1212,7 +1215,7 @@ def serve_policy(ckpt, e):
             ws.send(msgpack.packb(meta))
             for message in ws:
                 try:
-                    obs = msgpack.unpackb(message, object_hook=from_wire)
+                    start, obs = time.perf_counter(), msgpack.unpackb(message, object_hook=from_wire)
                     reset = obs.get("reset", False) if isinstance(obs, dict) else False
                     if not isinstance(reset, (bool, np.bool_)):  # "false" is no reason to drop the episode
                         raise ValueError(f"reset must be true or false, got {reset!r}")
@@ -1221,7 +1224,7 @@ def serve_policy(ckpt, e):
                         t, chunk = 0, None
                         ws.send(msgpack.packb({"reset": True}))
                         continue
-                    images, start = request_images(obs, e.obs_keys, d.crop_ratio, specials), time.perf_counter()
+                    images = request_images(obs, e.obs_keys, d.crop_ratio, specials)
                     chunk, timing = batcher(images, obs["prompt"], draft(chunk, 1))  # a request per step, we assume
                     ensembler.add(t, chunk)
                     timing = {**timing, "wall_ms": 1e3 * (time.perf_counter() - start)}

@@ -1,11 +1,13 @@
 """End to end: the real entry point trains the tiny model (full FT, LoRA, 2 processes, real tokenizer)."""
 import json
+import math
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,6 +179,31 @@ def test_a_run_that_dies_rewriting_the_best_model_leaves_the_previous_one_whole(
     assert r.returncode != 0, r.stderr[-2000:]
     policy = tinyvla.Policy(out / "best", device="cpu")  # still a checkpoint, the one it was
     assert all(torch.equal(v, before[k]) for k, v in weights(out / "best").items()) and policy.d.horizon == 8
+
+
+@pytest.mark.parametrize("killed_at", [1, 2])
+def test_a_run_killed_while_replacing_the_best_model_keeps_a_whole_one(killed_at, trained_run, tmp_path, monkeypatch):
+    """A lower val loss replaces best/, which means deleting the last one (gigabytes: a while): a run killed at any
+    deletion of it still has a whole best model, the last one or the new one."""
+    out, trainer = trained_run
+    shutil.copytree(out / "best", tmp_path / "best")
+    before, rmtree, deletions = weights(tmp_path / "best"), shutil.rmtree, []
+    monkeypatch.setattr(trainer.args, "output_dir", str(tmp_path))
+    monkeypatch.setattr(trainer.state, "log_history", [{"eval_loss": math.inf}])  # the next val loss is the best yet
+
+    def killed_deleting(path, ignore_errors=False):
+        deletions.append(path)
+        if Path(path).name.startswith("best") and len(deletions) == killed_at:
+            next(Path(path).glob("*.safetensors"), Path(path, "none")).unlink(missing_ok=True)  # part way through
+            raise KeyboardInterrupt  # stands for the kill
+        rmtree(path, ignore_errors=ignore_errors)
+    monkeypatch.setattr(shutil, "rmtree", killed_deleting)
+    trainer.save_model(str(tmp_path / "new"))  # what the new best/ holds
+    with pytest.raises(KeyboardInterrupt):
+        trainer.evaluate()
+    assert tinyvla.Policy(tmp_path / "best", device="cpu").d.horizon == 8
+    best, want = weights(tmp_path / "best"), before if killed_at == 1 else weights(tmp_path / "new")
+    assert best.keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in best.items())
 
 
 def test_a_second_run_into_a_training_run_dir_is_one_line(tiny_model, dataset_v2, tmp_path):
