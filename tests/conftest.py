@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -69,3 +70,9 @@ def observations(n, seed=0):
     import numpy as np
     rng = np.random.default_rng(seed)
     return [[rng.integers(0, 255, (256, 256, 3), np.uint8) for _ in range(2)] for _ in range(n)]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -117,8 +117,9 @@ def test_ensembling_with_action_horizon_equal_to_horizon():
             ens.add(t, np.arange(t, t + 4)[:, None] * np.ones((4, 7)))
         executed.append(ens.act(t)[0])
     assert executed == list(range(8))
-    with pytest.raises(ValueError):
-        tinyvla.ActionEnsembler(window=10).act(0)
+    for ens, t in ((tinyvla.ActionEnsembler(window=10), 0), (ens, 8)):  # nothing yet; past the last chunk
+        with pytest.raises(ValueError, match=f"no kept chunk covers step {t}: query the policy at least every"):
+            ens.act(t)
 
 
 def test_results_table_of_no_episodes():  # a shard with nothing finished yet, and no other shard's results
@@ -157,7 +158,7 @@ def test_a_camera_more_or_less_is_refused(policy):
             policy(bad, tiny.TASKS[:len(bad)])
 
 
-def test_generate_is_plain_constrained_greedy(policy, caplog):
+def test_generate_is_plain_constrained_greedy(policy, caplog, monkeypatch):
     """generate() equals a hand-written greedy loop over the same grammar: the checkpoint's sampling, temperature and
     repetition penalty (1.05 in the saved generation_config) are not applied, nor warned about."""
     import json
@@ -189,6 +190,7 @@ def test_generate_is_plain_constrained_greedy(policy, caplog):
     manual = tinyvla.text_to_actions(text, lo, hi, 1000, 8)
     caplog.clear()
     logging.Logger.warning_once.cache_clear()  # transformers' once per process: said by an earlier test, not now
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)  # to caplog (transformers: only if CI)
     pred, ok, _ = tinyvla.predict(model, col, policy.stats, obs, [tiny.TASKS[0]], "generate")
     assert ok.all() and np.allclose(pred[0], manual)
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # Qwen's temperature: no flag

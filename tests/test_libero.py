@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -65,15 +66,17 @@ def test_killed_eval_resumes_to_exactly_all_episodes(trained_run, tmp_path):
     """kill -9 mid-eval, a second eval on the same results file meanwhile, duplicates and a torn line in the file:
     the rerun still counts each episode exactly once."""
     out = tmp_path / "eval"
-    cmd = eval_cmd(trained_run[0] / "final", out, "--num_envs", 1, "--save_video", "false")
+    cmd = eval_cmd(trained_run[0] / "final", out, "--num_envs", 1, "--save_video", "false", "--episode_max_steps", 30)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while not (out / "results_shard0of1.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)  # the first eval holds the results file from here on; its simulator takes ~13 s to build
+        time.sleep(0.05)  # the first eval holds the results file from here on
+    os.killpg(proc.pid, signal.SIGSTOP)  # paused (its simulator too), holding it, while a second eval starts
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    os.killpg(proc.pid, signal.SIGCONT)
     while len(results(out)) < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    os.killpg(proc.pid, 9)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-episode 1 (30 steps)
     proc.wait()
     assert second.returncode != 0 and "Traceback" not in second.stderr
     assert second.stderr.strip().splitlines()[-1].startswith("tinyvla: error: another eval is writing")
@@ -112,13 +115,15 @@ def test_a_policy_error_ends_the_eval_with_that_error(trained_run, tmp_path):
     for error in ("IndexError('index out of range in self')", "OSError('disk full')"):
         script = f"""
 import tinyvla
-class Failing(tinyvla.Policy):  # the real policy, failing at its third call
-    def __call__(self, *args, **kwargs):
-        if self.calls == 2:
-            raise {error}
-        return super().__call__(*args, **kwargs)
 e = tinyvla.parse_args({[str(a) for a in argv]!r})[2]
-tinyvla.evaluate_libero(e.eval, e, Failing(e.eval, "cpu"))
+policy = tinyvla.Policy(e.eval, "cpu")
+forward = policy.model.forward
+def failing(*args, **kwargs):  # the model (transformers'), failing in the policy's third call
+    if policy.calls == 2:
+        raise {error}
+    return forward(*args, **kwargs)
+policy.model.forward = failing
+tinyvla.evaluate_libero(e.eval, e, policy)
 """
         r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
         last = r.stderr.strip().splitlines()[-1]
@@ -145,10 +150,14 @@ def test_action_horizon_queries_every_nth_step(trained_run, tmp_path):
     assert "3 env steps, 2 policy queries in" in r.stdout  # action_horizon 2: queried at steps 0 and 2
 
 
-def test_unknown_checkpoint_or_suite_is_one_line(tmp_path):
+def test_unknown_checkpoint_or_suite_is_one_line(trained_run, tmp_path):
     r = subprocess.run(eval_cmd(tmp_path, tmp_path / "eval"), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("tinyvla: error:")
     assert "tinyvla_config.json" in r.stderr and not (tmp_path / "eval").exists()
+    r = subprocess.run(eval_cmd(trained_run[0] / "final", tmp_path / "eval", "--suite", "libero_100"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
+        "tinyvla: error: argument --suite: invalid choice: 'libero_100'") and not (tmp_path / "eval").exists()
 
 
 def test_bad_task_ids_and_assets_are_one_line(trained_run, tmp_path):

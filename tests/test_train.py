@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QWEN_DIR, ROOT, needs_shared, observations, train_args
+from conftest import QWEN_DIR, ROOT, free_port, needs_shared, observations, train_args
 
 import tiny
 import tinyvla
@@ -124,14 +124,21 @@ def test_best_model_reload_restores_the_saved_weights(trained_run):
 
 
 def test_load_best_model_at_end_with_sparse_epoch_checkpoints(tiny_model, tmp_path):
-    """save_every_epochs 2 skips odd epochs' checkpoints, but never the best one: final/ is the lowest val loss."""
+    """save_every_epochs 2 skips odd epochs' checkpoints, but never the best one, which load_best_model_at_end loads
+    into final/. The best is pinned to epoch 1, neither saved by the rule nor the last: greater_is_better on a val loss
+    that falls (the lowest, in best/, is the last epoch's)."""
     data, out = tiny.make_dataset(tmp_path / "data", episodes=3, length=(6, 8)), tmp_path / "run"
     r = run_cli(*train_args(tiny_model, data, out, "--max_steps", -1, "--num_train_epochs", 3, "--save_every_epochs",
-                            2, "--load_best_model_at_end", "true", "--gen_eval_every", 0, "--learning_rate", 1e-3))
+                            2, "--load_best_model_at_end", "true", "--gen_eval_every", 0, "--learning_rate", 1e-3,
+                            "--greater_is_better", "true"))
     losses = [float(x) for x in re.findall(r"'eval_loss': '([0-9.e+-]+)'", r.stdout + r.stderr)]
-    assert len(losses) == 3 and losses.index(min(losses)) != 1, losses  # the best epoch is one not saved by the rule
-    final, best = weights(out / "final"), weights(out / "best")
-    assert all(torch.equal(v, best[k]) for k, v in final.items()), losses
+    assert len(losses) == 3 and losses == sorted(losses, reverse=True), losses  # falling: epoch 1 is the "best"
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda c: int(c.name[11:]))
+    epochs = [json.loads((c / "trainer_state.json").read_text())["epoch"] for c in ckpts]
+    assert epochs == [1, 2, 3], epochs  # epoch 1: the best; 2: the rule; 3: the last
+    final, first, last = weights(out / "final"), weights(ckpts[0]), weights(ckpts[-1])
+    assert all(torch.equal(v, first[k]) for k, v in final.items())
+    assert not all(torch.equal(v, last[k]) for k, v in final.items())
 
 
 def test_finishing_a_run_killed_while_saving_final_loads_the_best_model(tiny_model, dataset_v2, tmp_path):
@@ -187,6 +194,7 @@ def test_a_run_killed_while_replacing_the_best_model_keeps_a_whole_one(killed_at
     deletion of it still has a whole best model, the last one or the new one."""
     out, trainer = trained_run
     shutil.copytree(out / "best", tmp_path / "best")
+    shutil.copytree(out / "best", tmp_path / "best.old")  # left by an earlier kill: deleted first
     before, rmtree, deletions = weights(tmp_path / "best"), shutil.rmtree, []
     monkeypatch.setattr(trainer.args, "output_dir", str(tmp_path))
     monkeypatch.setattr(trainer.state, "log_history", [{"eval_loss": math.inf}])  # the next val loss is the best yet
@@ -194,7 +202,7 @@ def test_a_run_killed_while_replacing_the_best_model_keeps_a_whole_one(killed_at
     def killed_deleting(path, ignore_errors=False):
         deletions.append(path)
         if Path(path).name.startswith("best") and len(deletions) == killed_at:
-            next(Path(path).glob("*.safetensors"), Path(path, "none")).unlink(missing_ok=True)  # part way through
+            next(Path(path).glob("*.safetensors")).unlink()  # part way through
             raise KeyboardInterrupt  # stands for the kill
         rmtree(path, ignore_errors=ignore_errors)
     monkeypatch.setattr(shutil, "rmtree", killed_deleting)
@@ -352,7 +360,7 @@ def test_v3_layout_trains(tiny_model, dataset_v3, tmp_path):
 @pytest.mark.parametrize("lora", [False, True])
 def test_two_process_cpu_run(lora, tiny_model, dataset_v2, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "tinyvla.py"), *train_args(tiny_model, dataset_v2, out, "--eval_strategy", "no", "--use_lora",
                                                  lora, "--resume_from_checkpoint", "last", "--save_steps", 4)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
