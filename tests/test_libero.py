@@ -72,8 +72,10 @@ def test_killed_eval_resumes_to_exactly_all_episodes(trained_run, tmp_path):
     while not (out / "results_shard0of1.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)  # the first eval holds the results file from here on
     os.killpg(proc.pid, signal.SIGSTOP)  # paused (its simulator too), holding it, while a second eval starts
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    os.killpg(proc.pid, signal.SIGCONT)
+    try:
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
     while len(results(out)) < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # mid-episode 1 (30 steps)
