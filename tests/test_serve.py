@@ -42,8 +42,8 @@ def start_server(ckpt, *extra, expect="serving"):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = [], []
     proc.readers = [threading.Thread(target=lambda s=stream, ls=lines: ls.extend(s), daemon=True)
-                    for stream, lines in ((proc.stdout, out), (proc.stderr, err))]  # join them once it has exited:
-    for reader in proc.readers:  # its last lines are read then
+                    for stream, lines in ((proc.stdout, out), (proc.stderr, err))]
+    for reader in proc.readers:
         reader.start()
     deadline = time.time() + 300
     while not any(expect in line for line in out + err) and proc.poll() is None and time.time() < deadline:
@@ -59,6 +59,19 @@ def server(trained_run):
     yield port, proc, out
     proc.terminate()
     proc.wait(30)
+
+
+def ended(proc, timeout):
+    """Waits for the server to exit, then for its last lines to be read."""
+    proc.wait(timeout)
+    for reader in proc.readers:
+        reader.join(30)
+
+
+def ensembled(chunks):
+    """Per step, the LIBERO eval's ensembled action over an episode's chunks (the server fixture's window: 3)."""
+    ensembler = tinyvla.ActionEnsembler(3, 1, 0.5)
+    return [ensembler.add(t, chunk) or ensembler.act(t) for t, chunk in enumerate(chunks)]
 
 
 def client(openpi_python, tmp_path, port, code, obs=()):
@@ -121,20 +134,13 @@ policy.infer({"reset": True})  # after a one-step episode, whose chunk covers th
 out["third"] = [policy.infer(good(i))["action"] for i in (5, 0)]
 """, obs)
     chunks = policy(obs, [tiny.TASKS[0]] * 6)
-    ensembler, theirs = tinyvla.ActionEnsembler(3, 1, 0.5), tinyvla.ActionEnsembler(3, 1, 0.5)
-    for t in range(4):
-        ensembler.add(t, chunks[t])
-        theirs.add(t, chunks[5 - t])
-        assert np.allclose(out["chunks"][t], chunks[t], atol=1e-6)
-        assert np.allclose(out["actions"][t], ensembler.act(t), atol=1e-6)
-        assert np.allclose(out["others"][t], theirs.act(t), atol=1e-6)
+    assert np.allclose(out["chunks"], chunks[:4], atol=1e-6)
+    assert np.allclose(out["actions"], ensembled(chunks[:4]), atol=1e-6)
+    assert np.allclose(out["others"], ensembled(chunks[5:1:-1]), atol=1e-6)
     assert not np.allclose(out["actions"][3], chunks[3][0])  # three chunks averaged, not the newest alone
     # after a reset, step 0 again, of the new chunk alone; the next episode ensembles its own chunks only
     assert out["reset"] == {"reset": True} and np.allclose(out["after_reset"]["action"], chunks[4][0], atol=1e-6)
-    third = tinyvla.ActionEnsembler(3, 1, 0.5)
-    for t, i in enumerate((5, 0)):
-        third.add(t, chunks[i])
-        assert np.allclose(out["third"][t], third.act(t), atol=1e-6)
+    assert np.allclose(out["third"], ensembled(chunks[[5, 0]]), atol=1e-6)
 
 
 def test_openpi_action_chunk_broker_drives_the_server(server, policy, openpi_python, tmp_path):
@@ -153,10 +159,7 @@ out["ensembled"] = [broker.infer(good(i))["action"] for i in (0, 2)]
 """, obs)
     chunks = policy(obs, [tiny.TASKS[0]] * 3)
     assert np.allclose(out["steps"], [*chunks[0], chunks[1][0]], atol=1e-6)
-    ensembler = tinyvla.ActionEnsembler(3, 1, 0.5)
-    for t, i in enumerate((0, 2)):
-        ensembler.add(t, chunks[i])
-        assert np.allclose(out["ensembled"][t], ensembler.act(t), atol=1e-6)
+    assert np.allclose(out["ensembled"], ensembled(chunks[[0, 2]]), atol=1e-6)
 
 
 def test_bad_requests_are_answered_and_the_next_good_one_works(server, openpi_python, tmp_path):
@@ -259,11 +262,9 @@ out["after"] = client().infer(good(1))["actions"]
 def test_exposed_host_warns_and_busy_port_is_one_line(trained_run, server):
     port, *_ = server
     proc, _, err = start_server(trained_run[0] / "final", "--port", port)
-    proc.wait(120)
-    [reader.join(30) for reader in proc.readers]
+    ended(proc, 120)
     assert proc.returncode != 0 and err[-1].startswith(f"tinyvla: error: cannot serve on 127.0.0.1:{port}"), err
     proc, out, err = start_server(trained_run[0] / "final", "--port", free_port(), "--host", "0.0.0.0")
     proc.terminate()
-    proc.wait(30)
-    [reader.join(30) for reader in proc.readers]
+    ended(proc, 30)
     assert any("without --api_key" in line for line in err), err
