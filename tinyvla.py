@@ -846,48 +846,6 @@ def draft(chunk, steps):
     return None if chunk is None else np.concatenate([chunk[steps:], chunk[-1:].repeat(min(steps, len(chunk)), 0)])
 
 
-class Batcher:
-    """Many threads' policy requests answered by one batched call per round, in a thread of its own: the server's
-    clients (a round takes what has arrived) and the eval's simulators (lockstep: a round waits for every member)."""
-
-    def __init__(self, policy):
-        self.policy, self.cond, self.waiting, self.members = policy, threading.Condition(), [], set()
-        self.served, self.since = 0, None  # requests answered; when the first round began
-        threading.Thread(target=self.run, daemon=True).start()
-
-    def __call__(self, images, task, draft=None, lockstep=False):
-        """-> (chunk, {model_ms, batch, passes} of the batched call). lockstep: later rounds wait for this thread."""
-        future = Future()
-        with self.cond:
-            self.members |= {threading.get_ident()} if lockstep else set()
-            self.waiting.append((images, task, draft, future))
-            self.cond.notify()
-        return future.result()
-
-    def leave(self):  # a lockstep thread whose episode ended: rounds no longer wait for it
-        with self.cond:
-            self.members.discard(threading.get_ident())
-            self.cond.notify()
-
-    def run(self):
-        while True:
-            with self.cond:
-                self.cond.wait_for(lambda: self.waiting and len(self.waiting) >= len(self.members))
-                batch, self.waiting = self.waiting, []
-            images, tasks, drafts, futures = map(list, zip(*batch))
-            start, self.since, passes = time.perf_counter(), self.since or time.time(), self.policy.passes
-            try:
-                chunks = self.policy(images, tasks, drafts)
-                timing = {"model_ms": 1e3 * (time.perf_counter() - start), "batch": len(batch),
-                          "passes": self.policy.passes - passes}
-                self.served += len(batch)
-                for future, chunk in zip(futures, chunks):
-                    future.set_result((chunk, timing))
-            except Exception as err:  # out of memory, say: each request of the round raises it
-                for future in futures:
-                    future.set_exception(err)
-
-
 # ----------------------------------------------------------------------------- ensembling
 class ActionEnsembler:
     """Step t's action: the weighted average of the last `window` chunks' predictions for t. VLA-0's versions: 1, the
@@ -1055,6 +1013,7 @@ def results_table(results):
 def evaluate_libero(ckpt, e, policy=None):
     """Batched, resumable LIBERO evaluation; one policy call per step for all live envs."""
     import multiprocessing as mp
+    from multiprocessing.connection import wait as mp_wait
     policy = policy or Policy(ckpt, None, e.decoder, e.decode_width)  # first: a bad checkpoint fails before writing
     if e.action_horizon > policy.d.horizon:
         raise TinyVLAError(f"action_horizon {e.action_horizon} is longer than the policy's chunks ({policy.d.horizon})")
@@ -1077,57 +1036,63 @@ def evaluate_libero(ckpt, e, policy=None):
     write_whole(results_file, "".join(json.dumps(r) + "\n" for r in results))  # duplicates, a torn line gone
     finished = {episode_key(r) for r in results}
     pending = deque(ep for ep in all_episodes[e.shard_id::e.num_shards] if episode_key(ep) not in finished)
-    ctx, n, todo = mp.get_context("spawn"), min(e.num_envs, len(pending)), len(pending)
-    batcher, events = Batcher(policy), queue.SimpleQueue()  # events: (episode, "done" or "error", result or text)
-    calls, passes, cameras = policy.calls, policy.passes, len(policy.d.image_keys)  # one camera: the agent view
-
-    def relay(conn, proc):  # a thread per simulator: hands it episodes, passes its observations to the batcher
-        try:
-            while True:
-                ep = pending.popleft()  # atomic: no episode is taken twice; none left: IndexError ends the thread
-                conn.send(ep)
-                chunk = None
-                while (msg := conn.recv())[0] == "obs":  # lockstep: full policy batches of the envs stepping
-                    try:
-                        chunk = batcher(msg[1][:cameras], ep["task"], draft(chunk, e.action_horizon), lockstep=True)[0]
-                    except Exception as err:  # the policy failed (whatever the error, not the pipe): the main
-                        events.put((ep, "raise", err))  # thread raises it
-                        return
-                    conn.send(chunk)
-                batcher.leave()  # next: a video written, a scene built; the others do not wait for that
-                events.put((ep, *msg))
-        except (EOFError, OSError):  # the worker process died (killed, out of memory, a crash in MuJoCo)
-            proc.join(5)
-            events.put((ep, "error", f"its worker process died (exit code {proc.exitcode})"))
-        except IndexError:
-            pass
-        finally:
-            batcher.leave()
-            conn.close()  # the worker reads EOF: it closes its simulator and exits
-
-    conns, ends = zip(*(ctx.Pipe() for _ in range(n))) if n else ((), ())
-    procs = [ctx.Process(target=env_worker, args=(end, assets, e, out_dir), daemon=True) for end in ends]
-    for proc, end, conn in zip(procs, ends, conns):
-        proc.start()
+    ctx, todo, cameras = mp.get_context("spawn"), len(pending), len(policy.d.image_keys)  # one camera: agent view
+    procs, episode, last = {}, {}, {}  # per simulator's pipe: its process, its episode, that episode's last chunk
+    for _ in range(min(e.num_envs, len(pending))):
+        conn, end = ctx.Pipe()
+        procs[conn] = ctx.Process(target=env_worker, args=(end, assets, e, out_dir), daemon=True)
+        procs[conn].start()
         end.close()  # the worker's end lives in the worker now: its death reads as EOF here, not as a hang
-        threading.Thread(target=relay, args=(conn, proc), daemon=True).start()
-    env_steps = 0
-    for _ in (bar := tqdm(range(todo), desc=f"LIBERO {e.suite}", unit="ep")):  # closes itself at the end
-        ep, kind, payload = events.get()
-        if kind == "raise":
-            raise payload
-        if kind == "error":
-            raise TinyVLAError("the simulator failed in {suite} task {task_id} episode {episode}: ".format(**ep) +
-                               f"{payload} (finished episodes are saved; rerun to resume)")
-        payload = {**payload, "setup": setup}
-        with open(results_file, "a") as f:  # one line per finished episode: a rerun skips it
-            f.write(json.dumps(payload) + "\n")
-        results.append(payload)
-        env_steps += payload["steps"]
-        bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.0%}")
-    for proc in procs:
+
+    def send(conn, message):  # to a worker that may have died meanwhile: its EOF is read next, and reported
+        with suppress(OSError):
+            conn.send(message)
+
+    def hand_out(conn):  # its next episode; none left: the pipe closed (the worker closes its simulator and exits)
+        if pending:
+            episode[conn], last[conn] = pending.popleft(), None
+            send(conn, episode[conn])
+        else:
+            conn.close()
+            del episode[conn]
+    for conn in procs:
+        hand_out(conn)
+    waiting, stepping = {}, set()  # observations for the next policy call; the envs stepping with their chunks
+    env_steps, queries, start, calls, passes = 0, 0, None, policy.calls, policy.passes
+    with tqdm(total=todo, desc=f"LIBERO {e.suite}", unit="ep") as bar:
+        while episode:
+            if waiting and not stepping:  # lockstep: a call once every env in an episode has sent its observation
+                start, queries = start or time.time(), queries + len(waiting)  # (one building a scene: not awaited)
+                chunks = policy(list(waiting.values()), [episode[c]["task"] for c in waiting],
+                                [draft(last[c], e.action_horizon) for c in waiting])
+                for conn, chunk in zip(waiting, chunks):
+                    send(conn, chunk)
+                    last[conn] = chunk
+                stepping, waiting = set(waiting), {}
+            for conn in mp_wait(list(episode)):
+                stepping.discard(conn)
+                try:
+                    kind, payload = conn.recv()
+                except (EOFError, OSError):  # the worker process died (killed, out of memory, a crash in MuJoCo)
+                    procs[conn].join(5)
+                    kind, payload = "error", f"its worker process died (exit code {procs[conn].exitcode})"
+                if kind == "obs":
+                    waiting[conn] = payload[:cameras]
+                    continue
+                if kind == "error":
+                    raise TinyVLAError("the simulator failed in {suite} task {task_id} episode {episode}: ".format(
+                        **episode[conn]) + f"{payload} (finished episodes are saved; rerun to resume)")
+                payload = {**payload, "setup": setup}
+                with open(results_file, "a") as f:  # one line per finished episode: a rerun skips it
+                    f.write(json.dumps(payload) + "\n")
+                results.append(payload)
+                env_steps += payload["steps"]
+                bar.update()
+                bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.0%}")
+                hand_out(conn)
+    for proc in procs.values():
         proc.join(timeout=30)  # each worker has read EOF: it closes its simulator and exits
-    elapsed, queries = time.time() - (batcher.since or time.time()), batcher.served
+    elapsed = time.time() - (start or time.time())
     wanted = {episode_key(ep) for ep in all_episodes}  # this eval's episodes, each counted once over all shards
     standard = {"task_ids": [[]], "episodes_per_task": [50], "episode_max_steps": [0, SUITE_MAX_STEPS.get(e.suite)]}
     subset = [f"{k} {getattr(e, k)}" for k, ok in standard.items() if getattr(e, k) not in ok]  # LIBERO's protocol
@@ -1148,10 +1113,11 @@ def evaluate_libero(ckpt, e, policy=None):
                                                           "episodes": merged}, indent=2))
     lock.close()  # this shard's results are whole: its next run may start
     print(f"{table}\n{status}")
-    print(f"{env_steps} env steps, {queries} policy queries in {elapsed:.0f}s: {env_steps / max(elapsed, 1e-9):.1f} "
-          f"env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, parse failures: {policy.parse_failures}, "
-          f"{(policy.passes - passes) / max(policy.calls - calls, 1):.1f} forward passes per policy call "
-          f"({e.decoder} decoder)")
+    calls = policy.calls - calls
+    print(f"{env_steps} env steps, {queries} policy queries in {calls} batched calls, {elapsed:.0f}s: "
+          f"{env_steps / max(elapsed, 1e-9):.1f} env steps/s, {queries / max(elapsed, 1e-9):.1f} policy queries/s, "
+          f"parse failures: {policy.parse_failures}, {(policy.passes - passes) / max(calls, 1):.1f} forward passes per "
+          f"policy call ({e.decoder} decoder)")
     return summary
 
 
@@ -1187,6 +1153,36 @@ def request_images(obs, keys, crop_ratio, specials=()):
                    f"nothing (the request has {sorted(map(str, obs))})")
             raise ValueError(f"{k} must be {want}, got {got}")
     return [obs[k] for k in keys]
+
+
+class Batcher:
+    """The clients' requests (a thread each) answered by one batched policy call per round, in a thread of its own:
+    a round takes every request that has arrived."""
+
+    def __init__(self, policy):
+        self.policy, self.requests = policy, queue.SimpleQueue()
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def __call__(self, images, task, draft=None):  # -> (chunk, {model_ms, batch, passes} of the batched call)
+        self.requests.put((images, task, draft, future := Future()))
+        return future.result()
+
+    def run(self):
+        while True:
+            batch = [self.requests.get()]  # the first to arrive, then all that are waiting (this is the only reader)
+            while not self.requests.empty():
+                batch.append(self.requests.get())
+            images, tasks, drafts, futures = map(list, zip(*batch))
+            start, passes = time.perf_counter(), self.policy.passes
+            try:
+                chunks = self.policy(images, tasks, drafts)
+                timing = {"model_ms": 1e3 * (time.perf_counter() - start), "batch": len(batch),
+                          "passes": self.policy.passes - passes}
+                for future, chunk in zip(futures, chunks):
+                    future.set_result((chunk, timing))
+            except Exception as err:  # out of memory, say: each request of the round raises it
+                for future in futures:
+                    future.set_exception(err)
 
 
 def serve_policy(ckpt, e):

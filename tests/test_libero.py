@@ -108,6 +108,33 @@ def test_dead_simulator_worker_is_one_line(trained_run, tmp_path):
     assert stderr.strip().splitlines()[-1] == (
         "tinyvla: error: the simulator failed in libero_object task 0 episode 1: its worker process died (exit code "
         "-9) (finished episodes are saved; rerun to resume)")
+    # killed while the policy computes its chunk: the chunk is sent to a dead process, and the same one line follows
+    argv = eval_cmd(trained_run[0] / "final", tmp_path / "eval2", "--num_envs", 1, "--save_video", "false")[2:]
+    script = f"""
+import time, psutil, tinyvla
+e = tinyvla.parse_args({[str(a) for a in argv]!r})[2]
+policy = tinyvla.Policy(e.eval, "cpu")
+forward = policy.model.forward
+killed = []
+def killing(*args, **kwargs):  # the model (transformers'), at the start of the policy's second call
+    if policy.calls == 1 and not killed:
+        killed.extend(w for w in psutil.Process().children() if "spawn_main" in " ".join(w.cmdline()))
+        for worker in killed:
+            worker.kill()
+            while worker.status() != psutil.STATUS_ZOMBIE:  # dead, its pipe closed; not reaped: the eval reads its
+                time.sleep(0.01)  # exit code
+    return forward(*args, **kwargs)
+policy.model.forward = killing
+try:
+    tinyvla.evaluate_libero(e.eval, e, policy)
+except tinyvla.TinyVLAError as err:
+    print(err)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == (
+        "the simulator failed in libero_object task 0 episode 0: its worker process died (exit code -9) (finished "
+        "episodes are saved; rerun to resume)")
 
 
 def test_a_policy_error_ends_the_eval_with_that_error(trained_run, tmp_path):
@@ -130,6 +157,16 @@ tinyvla.evaluate_libero(e.eval, e, policy)
         r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode != 0 and last == error.replace("('", ": ").replace("')", ""), r.stderr[-2000:]
+
+
+def test_envs_step_in_lockstep_one_policy_call_for_all(trained_run, tmp_path):
+    """Two simulators, an episode of 30 steps each: once both are stepping, one batched policy call answers both (a
+    call per observation would make about 60)."""
+    r = subprocess.run(eval_cmd(trained_run[0] / "final", tmp_path / "eval", "--num_envs", 2, "--save_video", "false",
+                                "--episode_max_steps", 30), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    calls = int(re.search(r"60 env steps, 60 policy queries in (\d+) batched calls", r.stdout)[1])
+    assert 30 <= calls <= 45, r.stdout[-2000:]  # 30 + the calls before the second simulator's first observation
 
 
 def test_action_horizon_queries_every_nth_step(trained_run, tmp_path):
