@@ -58,6 +58,7 @@ SYSTEM_PROMPT = ("Analyze the input image and predict robot actions for the next
                  "dimensions. Output a single sequence of {N} integers (0-{B} each), representing the {H} timesteps "
                  "sequentially. Provide only space separated numbers. Nothing else.")  # VLA-0's system text, verbatim
 END_TOKEN = "<|im_end|>"  # Qwen's end of turn: supervised after the answer, and the only way generation may stop
+TURN_END = END_TOKEN + "\n"  # an answer's end as Qwen's chat template writes it: supervised whole, as VLA-0 does
 MASK_CHAR = "?"  # digit-mask augmentation writes this in place of hidden digits
 IGNORE_INDEX = -100
 RUN_CONFIG, ACTION_STATS = "tinyvla_config.json", "action_stats.json"
@@ -554,14 +555,15 @@ def single_token_id(tokenizer, text):
 
 
 class Collator:
-    """Chat prompt (system text, images, instruction) + answer + END_TOKEN; supervised: unmasked answer characters and
-    END_TOKEN. One token per answer character, so a masked digit is one input token (Qwen's BPE merges ' ?', '??')."""
+    """Chat prompt (system text, images, instruction) + answer + TURN_END; supervised: unmasked answer characters and
+    TURN_END. One token per answer character, so a masked digit is one input token (Qwen's BPE merges ' ?', '??')."""
 
     def __init__(self, processor, d, action_dim, padding_side="right"):
         self.processor, self.d, self.padding_side = processor, d, padding_side
         tok = processor.tokenizer
         self.char_ids = {c: single_token_id(tok, c) for c in "0123456789 " + MASK_CHAR}
         self.end_id, self.pad_id = tok.convert_tokens_to_ids(END_TOKEN), tok.pad_token_id
+        self.turn_end = tok.encode(TURN_END, add_special_tokens=False)
         self.system = SYSTEM_PROMPT.format(H=d.horizon, D=action_dim, N=d.horizon * action_dim, B=d.num_bins)
 
     def prompts(self, samples, pad_to_multiple_of=None, device=None):  # device: where the images are processed
@@ -578,8 +580,8 @@ class Collator:
         rows = []
         for i, s in enumerate(samples):
             keep = enc["attention_mask"][i].bool()
-            answer = torch.tensor([self.char_ids[c] for c in s["answer"]] + [self.end_id])
-            supervised = torch.tensor([c != MASK_CHAR for c in s["answer"]] + [True])
+            answer = torch.tensor([self.char_ids[c] for c in s["answer"]] + self.turn_end)
+            supervised = torch.tensor([c != MASK_CHAR for c in s["answer"]] + [True] * len(self.turn_end))
             row = {k: torch.cat([enc[k][i][keep], answer if k == "input_ids" else
                                  torch.full_like(answer, int(k == "attention_mask"))]) for k in per_token}
             row["labels"] = torch.cat([torch.full((int(keep.sum()),), IGNORE_INDEX), answer.masked_fill(

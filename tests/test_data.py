@@ -169,7 +169,7 @@ def _collate(processor, d, samples, side):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_supervised_tokens_are_exactly_the_answer_and_end(side, tiny_model):
+def test_supervised_tokens_are_exactly_the_answer_and_the_turns_end(side, tiny_model):
     from transformers import AutoProcessor
     processor = AutoProcessor.from_pretrained(tiny_model)
     d = tinyvla.DataArgs(horizon=2)
@@ -181,7 +181,7 @@ def test_supervised_tokens_are_exactly_the_answer_and_end(side, tiny_model):
     tok = processor.tokenizer
     for i, answer in enumerate(answers):
         labels = batch["labels"][i]
-        assert tok.decode(labels[labels != -100]) == answer + "<|im_end|>"
+        assert tok.decode(labels[labels != -100]) == answer + "<|im_end|>\n"
         # supervised positions hold the same ids as the input, and every one is attended to
         sup = labels != -100
         assert torch.equal(batch["input_ids"][i][sup], labels[sup]) and batch["attention_mask"][i][sup].all()
@@ -202,7 +202,7 @@ def test_masked_digits_are_input_but_never_supervised(tiny_model):
     tok, labels, ids = processor.tokenizer, batch["labels"][0], batch["input_ids"][0]
     q = tok.convert_tokens_to_ids(tok.tokenize("?"))[0]
     assert (ids == q).sum() == 5 and not (labels == q).any()
-    assert tok.decode(labels[labels != -100]) == "13 4 0 1000 7 8 <|im_end|>"
+    assert tok.decode(labels[labels != -100]) == "13 4 0 1000 7 8 <|im_end|>\n"
     # two untiled 224x224 images give 64 vision tokens each
     assert (ids == tok.convert_tokens_to_ids("<|image_pad|>")).sum() == 128
 
@@ -223,9 +223,32 @@ def test_real_qwen_tokenizer_ids_and_sample_length():
               "answer": answer}
     batch = _collate(processor, d, [sample], "right")
     labels = batch["labels"][0]
-    assert tok.decode(labels[labels != -100]) == answer + "<|im_end|>"
+    assert tok.decode(labels[labels != -100]) == answer + "<|im_end|>\n"
     assert (batch["input_ids"][0] == tok.convert_tokens_to_ids("<|image_pad|>")).sum() == 128
     assert 400 <= batch["input_ids"].shape[1] <= 470  # about 433 tokens per sample
+
+
+@pytest.mark.parametrize("real", [False, pytest.param(True, marks=needs_shared)])
+def test_a_sample_is_the_reference_conversation_supervised_from_the_answer_on(real, tiny_model):
+    """The tokens NVlabs/vla0 trains on: the whole conversation through the chat template, the answer as the assistant's
+    turn, supervised from the answer to the end of the text (its "<|im_end|>\\n" too)."""
+    from transformers import AutoProcessor
+    d = tinyvla.DataArgs()
+    processor = AutoProcessor.from_pretrained(QWEN_DIR if real else tiny_model, size={
+        "shortest_edge": tinyvla.image_pixels(d), "longest_edge": tinyvla.image_pixels(d)})
+    collator = tinyvla.Collator(processor, d, 7)
+    answer = " ".join(str(v) for v in np.random.default_rng(0).integers(0, 1001, 56))
+    sample = {"images": tinyvla.prepare_images([np.full((256, 256, 3), 90, np.uint8)] * 2, d),
+              "task": "put both the alphabet soup and the tomato sauce in the basket", "answer": answer}
+    text = processor.apply_chat_template([
+        {"role": "system", "content": [{"type": "text", "text": collator.system}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["task"]}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False)
+    reference = processor(text=[text], images=[sample["images"]], return_tensors="pt")["input_ids"][0]
+    batch, prompt = collator([sample]), len(collator.prompts([sample])["input_ids"][0])
+    assert torch.equal(batch["input_ids"][0], reference)
+    labels = batch["labels"][0]
+    assert (labels[:prompt] == -100).all() and torch.equal(labels[prompt:], reference[prompt:])
 
 
 @needs_shared
