@@ -43,8 +43,8 @@ REAL = ASSETS / "qwen2.5-vl-3b-instruct"
 START = time.time()
 
 
-def over_budget(what):  # gpu: a row starts only within TINYVLA_BENCH_BUDGET_S (360 s: a device call is killed at
-    budget = float(os.environ.get("TINYVLA_BENCH_BUDGET_S", "inf"))  # 600 s, a row may take 2 min); the rest say so
+def over_budget(what):  # gpu: a row starts only within TINYVLA_BENCH_BUDGET_S (450 s: a device call is killed at
+    budget = float(os.environ.get("TINYVLA_BENCH_BUDGET_S", "inf"))  # 600 s, a row takes 1.5 min at most); the rest
     if time.time() - START > budget:
         print(f"  {what}: skipped, the {budget:.0f} s budget is spent (TINYVLA_BENCH_BUDGET_S; gpu --sections)")
         return True
@@ -117,11 +117,16 @@ def bench_data(n=300):
         print(line)
 
 
-def bench_generate(real=False, batches=(1, 8, 32), static_batches=(1, 8, 32)):
+def bench_generate(real=False, batches=(1, 8, 32), exact=False):
+    """Each decoder's forward passes per chunk and time per observation, with the policy's attention (PACKED_SDPA);
+    on a GPU (real) the rows that matter there: batch 1 and 64, and static with transformers' sdpa for comparison.
+    exact: the decoders' actions against generate()'s in float32 (bf16 moves plain greedy itself: a random-weights
+    model's near-tied digits flip with the batch's padding and kernels), at batch 4."""
     device = "cuda" if real else "cpu"
     mdir = model_dir(real)
     d = tinyvla.DataArgs()
-    m = tinyvla.ModelArgs(model_id=str(mdir), dtype="bfloat16" if real else "float32")
+    m = tinyvla.ModelArgs(model_id=str(mdir), dtype="bfloat16" if real and not exact else "float32")
+    m.attn_implementation = tinyvla.PACKED_SDPA  # as Policy loads it
     model, processor = tinyvla.load_model(str(mdir), m, d, device)
     model.eval()
     stats = {"global": {"lo": [-1.0] * 7, "hi": [1.0] * 7}}
@@ -141,49 +146,59 @@ def bench_generate(real=False, batches=(1, 8, 32), static_batches=(1, 8, 32)):
         sync()
         return (time.perf_counter() - t) / reps
 
-    # same number of new tokens both ways: the constrained answer's length, forced on free decoding
-    inputs = col.prompts([{"images": o, "task": t} for o, t in zip(obs(1), tasks(1))]).to(device)
-    from transformers import GenerationConfig
-    grammar = lambda: [tinyvla.ActionGrammar(processor.tokenizer, 56, d.num_bins)]
-    con = GenerationConfig(max_new_tokens=tinyvla.TOKENS_PER_NUMBER * 56, eos_token_id=col.end_id,
-                           pad_token_id=col.pad_id, **tinyvla.GREEDY)
-    n_tok = model.generate(**inputs, generation_config=con, logits_processor=grammar()).shape[1] - \
-        inputs["input_ids"].shape[1]
-    free = GenerationConfig(max_new_tokens=n_tok, min_new_tokens=n_tok, eos_token_id=col.end_id,
-                            pad_token_id=col.pad_id, **tinyvla.GREEDY)
-    reps = 1 if real else 3  # a 3B answer takes seconds: best of 3x3 would cost minutes of device time
-    t_free = min(timed(lambda: model.generate(**inputs, generation_config=free), reps, not real) for _ in range(reps))
-    t_con = min(timed(lambda: model.generate(**inputs, generation_config=con, logits_processor=grammar()), reps,
-                      not real) for _ in range(reps))  # real: warm from the call above
-    print(f"{'real 3B (bf16, ' + device + ')' if real else 'tiny model (CPU)'}: {n_tok} new tokens at batch 1")
-    print(f"  unconstrained {t_free * 1e3:8.1f} ms   constrained {t_con * 1e3:8.1f} ms   "
-          f"overhead {100 * (t_con / t_free - 1):+.1f}%")
-    for vocab in (len(processor.tokenizer), 151936):  # the grammar alone, per step
-        proc, scores = grammar()[0], torch.randn(1, vocab, device=device)
-        proc(inputs["input_ids"], scores)
-        ids = torch.cat([inputs["input_ids"], proc.ids[1:2].to(device)[None]], 1)
-        t = timed(lambda: proc(ids, scores), 2000)
-        print(f"  grammar alone at vocab {vocab}: {t * 1e6:.1f} us per step")
-    batch32 = [{"images": o, "task": t} for o, t in zip(obs(32), tasks(32))]
-    for dev in dict.fromkeys(["cpu", device]):  # predict runs the processor on the model's device
-        print(f"  processor (chat template + images -> tensors) at batch 32 on {dev}: "
-              f"{1e3 * timed(lambda: col.prompts(batch32, device=dev), 3):.1f} ms")
-    print("  full predict (preprocess + decode + parse). generate: transformers' generate(), a pass per token;")
+    if not real:  # the grammar's cost (on an H100: -7.3 %, i.e. within noise, 2026-11-23): the same number of new
+        inputs = col.prompts([{"images": o, "task": t} for o, t in zip(obs(1), tasks(1))])  # tokens both ways, the
+        from transformers import GenerationConfig  # constrained answer's length forced on free decoding
+        grammar = lambda: [tinyvla.ActionGrammar(processor.tokenizer, 56, d.num_bins)]
+        con = GenerationConfig(max_new_tokens=tinyvla.TOKENS_PER_NUMBER * 56, eos_token_id=col.end_id,
+                               pad_token_id=col.pad_id, **tinyvla.GREEDY)
+        n_tok = model.generate(**inputs, generation_config=con, logits_processor=grammar()).shape[1] - \
+            inputs["input_ids"].shape[1]
+        free = GenerationConfig(max_new_tokens=n_tok, min_new_tokens=n_tok, eos_token_id=col.end_id,
+                                pad_token_id=col.pad_id, **tinyvla.GREEDY)
+        t_free = min(timed(lambda: model.generate(**inputs, generation_config=free), 3) for _ in range(3))
+        t_con = min(timed(lambda: model.generate(**inputs, generation_config=con, logits_processor=grammar()), 3)
+                    for _ in range(3))
+        print(f"tiny model (CPU): {n_tok} new tokens at batch 1")
+        print(f"  unconstrained {t_free * 1e3:8.1f} ms   constrained {t_con * 1e3:8.1f} ms   "
+              f"overhead {100 * (t_con / t_free - 1):+.1f}%")
+        for vocab in (len(processor.tokenizer), 151936):  # the grammar alone, per step
+            proc, scores = grammar()[0], torch.randn(1, vocab)
+            proc(inputs["input_ids"], scores)
+            ids = torch.cat([inputs["input_ids"], proc.ids[1:2][None]], 1)
+            t = timed(lambda: proc(ids, scores), 2000)
+            print(f"  grammar alone at vocab {vocab}: {t * 1e6:.1f} us per step")
+    if real and not exact:
+        batch32 = [{"images": o, "task": t} for o, t in zip(obs(32), tasks(32))]
+        for dev in ("cpu", device):  # predict runs the processor on the model's device
+            print(f"  processor (chat template + images -> tensors) at batch 32 on {dev}: "
+                  f"{1e3 * timed(lambda: col.prompts(batch32, device=dev), 3):.1f} ms")
+    print(f"{'real 3B (' + m.dtype + ', ' + device + ')' if real else 'tiny model (CPU)'}: full predict (preprocess + "
+          "decode + parse). generate: transformers' generate(), a pass per token;")
     print("  speculative: ours, forced tokens folded into a pass (width 2), and with the exact answer as draft")
     print("  (width 16: the most a draft saves); static: ours in fixed shapes over a static KV cache, compiled on GPU")
-    print("  (CUDA graphs; the first call of each batch and width compiles)")
-    print("  decoder     | width | draft | batch | passes | first call s | s per call | ms per obs. | obs./s | "
-          "rows = generate's")
-    best, exact, static_shapes = 0.0, {}, 0
-    paths = [("generate", 1, False), ("speculative", 2, False), ("speculative", 16, True), ("static", 2, False),
-             ("static", 16, True)]
+    print("  (CUDA graphs; the first call of each batch and width compiles). attention: the policy's (packed: a")
+    print("  grouped-query layer's heads folded into the query length) or transformers' sdpa (KV heads copied)")
+    print("  decoder     | width | draft | batch | attention | passes | first call s | s per call | ms per obs. | "
+          "obs./s | rows = generate's")
+    big = (4,) if exact else (1, 64) if real else batches  # a GPU: batch 1 (a robot) and 64 (an eval's envs)
+    paths = [("generate", 1, False, big), ("speculative", 2, False, big), ("speculative", 16, True, big[:1 + exact]),
+             ("static", 2, False, big)] + ([("static", 2, False, big[-1:], "sdpa")] if real and not exact else [])
+    if not real:
+        paths += [("static", 16, True, big[:1])]
+    best, plain, batch_of, static_shapes = 0.0, {}, {}, 0
     try:
-        for decoder, width, drafted in paths:
-            for b in batches if decoder != "static" else static_batches[:1] if drafted else static_batches:
-                if over_budget(f"{decoder} width {width} batch {b}") or (drafted and b not in exact):
+        for decoder, width, drafted, sizes, *attn in paths:
+            attn = attn[0] if attn else tinyvla.PACKED_SDPA
+            if attn != model.config._attn_implementation:
+                vars(model).pop("static_caches", None)  # its compiled graphs hold them
+                torch._dynamo.reset()
+                model.set_attn_implementation(attn)
+            for b in sizes:
+                if over_budget(f"{decoder} width {width} batch {b} ({attn})") or (drafted and b not in plain):
                     continue  # drafted: generate's answer is the draft
-                o, tk = obs(b), tasks(b)
-                call = lambda: tinyvla.predict(model, col, stats, o, tk, decoder, exact[b] if drafted else None, width)
+                o, tk = batch_of.setdefault(b, (obs(b), tasks(b)))  # every row of a batch size: the same observations
+                call = lambda: tinyvla.predict(model, col, stats, o, tk, decoder, plain[b] if drafted else None, width)
                 try:
                     t = time.perf_counter()
                     actions, _, passes = call()
@@ -197,19 +212,23 @@ def bench_generate(real=False, batches=(1, 8, 32), static_batches=(1, 8, 32)):
                         torch.cuda.empty_cache()
                     continue
                 if decoder == "generate":  # plain greedy: what every other path must equal
-                    exact[b] = list(actions)
+                    plain[b] = list(actions)
                 static_shapes += decoder == "static"
-                same = f"{sum(np.array_equal(a, e) for a, e in zip(actions, exact[b]))}/{b}" if b in exact else "-"
-                print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | {passes:6d} | "
-                      f"{first:12.2f} | {t:10.3f} | {1e3 * t / b:11.1f} | {b / t:6.1f} | {same}")
+                same = f"{sum(np.array_equal(a, e) for a, e in zip(actions, plain[b]))}/{b}" if b in plain else "-"
+                print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | "
+                      f"{'packed' if attn == tinyvla.PACKED_SDPA else attn:9s} | {passes:6d} | {first:12.2f} | "
+                      f"{t:10.3f} | {1e3 * t / b:11.1f} | {b / t:6.1f} | {same}")
                 best = max(best, b / t) if not drafted else best  # a real draft saves less: not for the projection
-        if real:  # is the static decoder's step compiled once per shape, and run as CUDA graphs? (tests/
-            from torch._dynamo.utils import counters  # test_inference.py checks the compiling part on CPU)
+        if real and not exact:  # is the static decoder's step compiled once per shape, and run as CUDA graphs?
+            from torch._dynamo.utils import counters  # (tests/test_inference.py checks the compiling part on CPU)
             print(f"  static's compiled step: {counters['stats']['unique_graphs']} graph(s) for {static_shapes} shapes "
-                  "(batch, width; CompileConfig's dynamic=None: the first shape static, the second a dynamic graph "
-                  f"that later shapes may reuse); graph breaks: {dict(counters['graph_break']) or 'none'}; CUDA "
-                  f"graphs skipped: {counters['inductor'].get('cudagraph_skips', 0)} (0: every compiled step replays "
-                  "one)")
+                  "(batch, width, attention; CompileConfig's dynamic=None: the first shape static, the second a "
+                  f"dynamic graph that later shapes may reuse); graph breaks: {dict(counters['graph_break']) or 'none'}"
+                  f"; CUDA graphs skipped: {counters['inductor'].get('cudagraph_skips', 0)} (0: every compiled step "
+                  "replays one)")
+        if real and not exact:
+            print("  (bf16: rows differ from generate's where a near-tied digit flips; `gpu --sections exact` "
+                  "checks the decoders in float32)")
     finally:
         vars(model).pop("static_caches", None)  # the training figures measure memory next
         torch._dynamo.reset()  # and the compiled graphs (CUDA graph memory pools)
@@ -242,7 +261,8 @@ def bench_train(real=False, steps=5, batches=None, preset=False, liger=False):
     print("  variant    | batch | samples/s | tokens/s | peak mem GiB | MFU")
     for label, extra in variants:
         sizes = batches or ((8, 16, 32) if real else (4,))
-        for batch in (4,) if "preset" in label else sizes[-1:] if "ckpt" in label else sizes:  # ckpt: largest only
+        ckpt = (2 * sizes[-1],) if real else sizes[-1:]  # checkpointing: for a batch that fits only with it
+        for batch in (4,) if "preset" in label else ckpt if "ckpt" in label else sizes:
             if over_budget(f"{label} batch {batch}"):
                 continue
             argv = ["--model_id", str(mdir), "--repo_id", str(data), "--output_dir", str(TMP / f"run{label}{batch}"),
@@ -468,24 +488,24 @@ def bench_lora_params():
         print(f"{name}: {n / 1e6:.1f}M trainable of {total / 1e6:.1f}M ({100 * n / total:.2f}%)")
 
 
-def bench_gpu(real=True, sections=("train", "generate", "liger", "data")):
-    """Every GPU figure of the speed issue in one run (aimed at under 8 minutes on an H100/H200): which GPU, training
-    (full FT and LoRA, activation checkpointing off and on, batch 8 and 32, the 24 GB preset), decoding (generate,
-    static and speculative decoders; after training, whose DataLoader forks before inductor starts its threads), the
-    full-eval projection, Liger's kernels where it imports, and the data pipeline on the host's CPU. A row that
-    fails prints why and the next one runs; past the time budget the rows left print that they were skipped, and
-    `gpu --sections generate,liger,data` runs them in a second call."""
+def bench_gpu(real=True, sections=("train", "generate", "liger", "exact", "data")):
+    """Every GPU figure of the speed issue in one run on an H100/H200: which GPU, training (full FT and LoRA at batch
+    8 and 16, activation checkpointing at 32, the 24 GB preset), decoding (the three decoders at batch 1 and 64, the
+    static one also with transformers' sdpa; after training, whose DataLoader forks before inductor starts its
+    threads), the full-eval projection, Liger's kernels where they import, the decoders' exactness in float32, and
+    the data pipeline on the host's CPU. A row that fails prints why and the next one runs; past the time budget the
+    rows left print that they were skipped, and `gpu --sections exact,data` (say) runs them in a second call."""
     import transformers
     import trl
-    os.environ.setdefault("TINYVLA_BENCH_BUDGET_S", "360" if real else "inf")
+    os.environ.setdefault("TINYVLA_BENCH_BUDGET_S", "450" if real else "inf")
     transformers.utils.logging.disable_progress_bar()  # loading and saving bars: the device call returns 12k chars
     t0, best = time.time(), 0.0
     gpu = torch.cuda.get_device_name() if real else "none (--cpu: the tiny model, to check this script)"
     print(f"GPU: {gpu}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
           f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}; sections {', '.join(sections)}")
-    runs = {"train": lambda: bench_train(real, batches=(8, 32) if real else None, preset=True),
-            "generate": lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8), (1, 32) if real else (1,)),
-            "liger": lambda: bench_train(real, batches=(8, 32) if real else None, liger=True),
+    runs = {"train": lambda: bench_train(real, batches=(8, 16) if real else None, preset=True),
+            "generate": lambda: bench_generate(real, (1, 8)), "exact": lambda: bench_generate(real, exact=True),
+            "liger": lambda: bench_train(real, batches=(8, 16) if real else None, liger=True),
             "data": bench_data}
     if unknown := set(sections) - set(runs):
         sys.exit(f"gpu --sections: no section {sorted(unknown)}; the sections are {', '.join(runs)}")
@@ -513,7 +533,7 @@ def bench_gpu(real=True, sections=("train", "generate", "liger", "data")):
 
 if __name__ == "__main__":
     what, real = sys.argv[1], "--real" in sys.argv
-    {"data": bench_data, "generate": lambda: bench_generate(real, (1, 8, 32, 64) if real else (1, 8, 32)),
+    {"data": bench_data, "generate": lambda: bench_generate(real),
      "train": lambda: (bench_train(real), bench_train(real, liger=True)), "tokens": bench_tokens,
      "libero": bench_libero, "serve": bench_serve, "sim": bench_sim, "lora_params": bench_lora_params,
      "gpu": lambda: bench_gpu("--cpu" not in sys.argv, *[sys.argv[i + 1].split(",") for i in range(

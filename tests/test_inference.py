@@ -214,7 +214,9 @@ def noisy(tiny_model):
     mix-up of rows, positions or cache slots shows. -> (model, collator, stats, 5 observations' images, tasks)"""
     import tiny
     d = tinyvla.DataArgs()
-    model, processor = tinyvla.load_model(str(tiny_model), tinyvla.ModelArgs(dtype="float32"), d, "cpu")
+    m = tinyvla.ModelArgs(dtype="float32")
+    m.attn_implementation = tinyvla.PACKED_SDPA  # the policy's attention, as Policy sets it
+    model, processor = tinyvla.load_model(str(tiny_model), m, d, "cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -223,6 +225,26 @@ def noisy(tiny_model):
     stats = {"global": {"lo": [0.0] * 7, "hi": [1.0] * 7}}
     images = [tinyvla.prepare_images(o, d) for o in observations(5, seed=5)]
     return model.eval(), tinyvla.Collator(processor, d, 7), stats, images, [tiny.TASKS[i % 4] for i in range(5)]
+
+
+def test_packed_attention_is_sdpa_without_copying_kv_heads():
+    """The policy's attention: a grouped-query layer's query heads folded into the query length give sdpa's output
+    (keys and values copied to every query head) for every head and query row; a wrong fold would pair a query with
+    another head's keys or another row's mask. Without a mask (a prefill with no padding) it is sdpa itself."""
+    from types import SimpleNamespace
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    gen = torch.Generator().manual_seed(0)
+    b, kv, groups, q, length, dim = 3, 2, 4, 5, 11, 16
+    query, key, value = (torch.randn(b, heads, n, dim, generator=gen) for heads, n in (
+        (kv * groups, q), (kv, length), (kv, length)))
+    mask = torch.rand(b, 1, q, length, generator=gen) > 0.4
+    mask[..., 0] = True  # every query row sees a key
+    layer = SimpleNamespace(num_key_value_groups=groups, is_causal=True)
+    for m in (mask, None):
+        want, _ = sdpa_attention_forward(layer, query, key, value, m, scaling=0.3)
+        got, _ = tinyvla.packed_gqa_sdpa(layer, query, key, value, m, scaling=0.3)
+        assert got.shape == (b, q, kv * groups, dim)
+        torch.testing.assert_close(got, want)
 
 
 def test_static_decoder_is_plain_greedy_in_fixed_shapes(noisy):
@@ -387,7 +409,7 @@ def test_a_checkpoint_trained_with_flash_attention_loads_without_it(trained_run,
     run["model"]["attn_implementation"] = "flash_attention_2"
     (ckpt / tinyvla.RUN_CONFIG).write_text(json.dumps(run))
     policy = tinyvla.Policy(ckpt, device="cpu")
-    assert policy.model.config._attn_implementation == "sdpa"
+    assert policy.model.config._attn_implementation == tinyvla.PACKED_SDPA
     assert policy(observations(1), [tiny.TASKS[0]]).shape == (1, 8, 7)
 
 
