@@ -686,7 +686,7 @@ def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scal
     """transformers' sdpa, except that with a mask (a decoding pass) a grouped-query layer's query heads are folded
     into the query length, [B, KV * G, Q, D] -> [B, KV, G * Q, D]: its cached keys and values are read as they are,
     not first copied for every query head (repeat_kv; on an H100 at batch 64 those copies and the attention over
-    them took 13 of a static decoding pass's 18 ms, BENCHMARKS.md). Each query row meets the same keys and mask row."""
+    them took 13 of the 18 ms the GPU spent on a static decoding pass). Each query row meets the same keys and mask."""
     groups = getattr(module, "num_key_value_groups", 1)
     if attention_mask is None or groups == 1 or attention_mask.shape[1] != 1:  # prefill without padding, the ViT
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -43,7 +43,7 @@ REAL = ASSETS / "qwen2.5-vl-3b-instruct"
 START = time.time()
 
 
-def over_budget(what):  # gpu: a row starts only within TINYVLA_BENCH_BUDGET_S (450 s: a device call is killed at
+def over_budget(what):  # gpu: a row starts only within TINYVLA_BENCH_BUDGET_S (420 s: a device call is killed at
     budget = float(os.environ.get("TINYVLA_BENCH_BUDGET_S", "inf"))  # 600 s, a row takes 1.5 min at most); the rest
     if time.time() - START > budget:
         print(f"  {what}: skipped, the {budget:.0f} s budget is spent (TINYVLA_BENCH_BUDGET_S; gpu --sections)")
@@ -146,9 +146,9 @@ def bench_generate(real=False, batches=(1, 8, 32), exact=False):
         sync()
         return (time.perf_counter() - t) / reps
 
-    if not real:  # the grammar's cost (on an H100: -7.3 %, i.e. within noise, 2026-11-23): the same number of new
-        inputs = col.prompts([{"images": o, "task": t} for o, t in zip(obs(1), tasks(1))])  # tokens both ways, the
-        from transformers import GenerationConfig  # constrained answer's length forced on free decoding
+    if not real and not exact:  # the grammar's cost (H100: -7.3 %, within noise, 2026-11-23): the same number of
+        inputs = col.prompts([{"images": o, "task": t} for o, t in zip(obs(1), tasks(1))])  # new tokens both ways,
+        from transformers import GenerationConfig  # the constrained answer's length forced on free decoding
         grammar = lambda: [tinyvla.ActionGrammar(processor.tokenizer, 56, d.num_bins)]
         con = GenerationConfig(max_new_tokens=tinyvla.TOKENS_PER_NUMBER * 56, eos_token_id=col.end_id,
                                pad_token_id=col.pad_id, **tinyvla.GREEDY)
@@ -181,54 +181,60 @@ def bench_generate(real=False, batches=(1, 8, 32), exact=False):
     print("  grouped-query layer's heads folded into the query length) or transformers' sdpa (KV heads copied)")
     print("  decoder     | width | draft | batch | attention | passes | first call s | s per call | ms per obs. | "
           "obs./s | rows = generate's")
-    big = (4,) if exact else (1, 64) if real else batches  # a GPU: batch 1 (a robot) and 64 (an eval's envs)
-    paths = [("generate", 1, False, big), ("speculative", 2, False, big), ("speculative", 16, True, big[:1 + exact]),
-             ("static", 2, False, big)] + ([("static", 2, False, big[-1:], "sdpa")] if real and not exact else [])
-    if not real:
-        paths += [("static", 16, True, big[:1])]
-    best, plain, batch_of, static_shapes = 0.0, {}, {}, 0
+    packed, sdpa = tinyvla.PACKED_SDPA, "sdpa"
+    if exact:  # rows: (decoder, width, exact answer as draft, batch, attention)
+        rows = [("generate", 1, False, 4, packed), ("speculative", 2, False, 4, packed),
+                ("speculative", 16, True, 4, packed), ("static", 2, False, 4, packed)]
+    elif real:  # the static rows first: the figures the budget must not skip, each compiled afresh (a fair pair)
+        rows = [("static", 2, False, 64, packed), ("static", 2, False, 64, sdpa), ("static", 2, False, 1, packed),
+                *[(dec, w, False, b, packed) for dec, w in (("generate", 1), ("speculative", 2)) for b in (1, 64)],
+                ("speculative", 16, True, 1, packed)]
+    else:
+        rows = [*[(dec, w, False, b, packed) for dec, w in (("generate", 1), ("speculative", 2), ("static", 2))
+                  for b in batches], ("speculative", 16, True, 1, packed), ("static", 16, True, 1, packed),
+                ("static", 2, False, batches[-1], sdpa)]
+    from torch._dynamo.utils import counters
+    best, plain, batch_of = 0.0, {}, {}
     try:
-        for decoder, width, drafted, sizes, *attn in paths:
-            attn = attn[0] if attn else tinyvla.PACKED_SDPA
-            if attn != model.config._attn_implementation:
-                vars(model).pop("static_caches", None)  # its compiled graphs hold them
+        for decoder, width, drafted, b, attn in rows:
+            if over_budget(f"{decoder} width {width} batch {b} ({attn})") or (drafted and b not in plain):
+                continue  # drafted: generate's answer is the draft
+            if decoder == "static" or attn != model.config._attn_implementation:  # a static row compiles afresh
+                vars(model).pop("static_caches", None)  # (its compiled graphs hold them)
                 torch._dynamo.reset()
+                counters.clear()
                 model.set_attn_implementation(attn)
-            for b in sizes:
-                if over_budget(f"{decoder} width {width} batch {b} ({attn})") or (drafted and b not in plain):
-                    continue  # drafted: generate's answer is the draft
-                o, tk = batch_of.setdefault(b, (obs(b), tasks(b)))  # every row of a batch size: the same observations
-                call = lambda: tinyvla.predict(model, col, stats, o, tk, decoder, plain[b] if drafted else None, width)
-                try:
-                    t = time.perf_counter()
-                    actions, _, passes = call()
-                    sync()
-                    first, t = time.perf_counter() - t, timed(call, 1 if real else 2, not real)  # real: warm now
-                except Exception as err:  # out of memory, or a compile failing: the other rows still run
-                    print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | " + (
-                        "out of memory" if isinstance(err, torch.OutOfMemoryError) else
-                        f"failed: {type(err).__name__}: {str(err)[:300]}"))
-                    if real:
-                        torch.cuda.empty_cache()
-                    continue
-                if decoder == "generate":  # plain greedy: what every other path must equal
-                    plain[b] = list(actions)
-                static_shapes += decoder == "static"
-                same = f"{sum(np.array_equal(a, e) for a, e in zip(actions, plain[b]))}/{b}" if b in plain else "-"
-                print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | "
-                      f"{'packed' if attn == tinyvla.PACKED_SDPA else attn:9s} | {passes:6d} | {first:12.2f} | "
-                      f"{t:10.3f} | {1e3 * t / b:11.1f} | {b / t:6.1f} | {same}")
-                best = max(best, b / t) if not drafted else best  # a real draft saves less: not for the projection
-        if real and not exact:  # is the static decoder's step compiled once per shape, and run as CUDA graphs?
-            from torch._dynamo.utils import counters  # (tests/test_inference.py checks the compiling part on CPU)
-            print(f"  static's compiled step: {counters['stats']['unique_graphs']} graph(s) for {static_shapes} shapes "
-                  "(batch, width, attention; CompileConfig's dynamic=None: the first shape static, the second a "
-                  f"dynamic graph that later shapes may reuse); graph breaks: {dict(counters['graph_break']) or 'none'}"
-                  f"; CUDA graphs skipped: {counters['inductor'].get('cudagraph_skips', 0)} (0: every compiled step "
-                  "replays one)")
+            if b not in batch_of:  # every row of a batch size decodes the same observations
+                batch_of[b] = obs(b), tasks(b)
+            o, tk = batch_of[b]
+            call = lambda: tinyvla.predict(model, col, stats, o, tk, decoder, plain[b] if drafted else None, width)
+            try:
+                t = time.perf_counter()
+                actions, _, passes = call()
+                sync()
+                first, t = time.perf_counter() - t, timed(call, 1 if real else 2, not real)  # real: warm now
+            except Exception as err:  # out of memory, or a compile failing: the other rows still run
+                print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | " + (
+                    "out of memory" if isinstance(err, torch.OutOfMemoryError) else
+                    f"failed: {type(err).__name__}: {str(err)[:300]}"))
+                if real:
+                    torch.cuda.empty_cache()
+                continue
+            if decoder == "generate":  # plain greedy: what every other path must equal
+                plain[b] = list(actions)
+            same = f"{sum(np.array_equal(a, e) for a, e in zip(actions, plain[b]))}/{b}" if b in plain else "-"
+            print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | "
+                  f"{'packed' if attn == packed else attn:9s} | {passes:6d} | {first:12.2f} | "
+                  f"{t:10.3f} | {1e3 * t / b:11.1f} | {b / t:6.1f} | {same}")
+            if real and decoder == "static":  # compiled once for its shape, and run as CUDA graphs? (tests/
+                print(f"              compiled step: {counters['stats']['unique_graphs']} graph(s), graph breaks: "
+                      f"{dict(counters['graph_break']) or 'none'}, CUDA graphs skipped: "  # test_inference.py checks
+                      f"{counters['inductor'].get('cudagraph_skips', 0)} (0: every step replays one)")  # the compile)
+            if not drafted and attn == packed:  # a real draft saves less; and the policy's attention only
+                best = max(best, b / t)
         if real and not exact:
-            print("  (bf16: rows differ from generate's where a near-tied digit flips; `gpu --sections exact` "
-                  "checks the decoders in float32)")
+            print("  (bf16: rows differ from generate's where a near-tied digit flips, generate's own at another "
+                  "batch size too; `gpu --sections exact` checks the decoders in float32)")
     finally:
         vars(model).pop("static_caches", None)  # the training figures measure memory next
         torch._dynamo.reset()  # and the compiled graphs (CUDA graph memory pools)
@@ -488,16 +494,17 @@ def bench_lora_params():
         print(f"{name}: {n / 1e6:.1f}M trainable of {total / 1e6:.1f}M ({100 * n / total:.2f}%)")
 
 
-def bench_gpu(real=True, sections=("train", "generate", "liger", "exact", "data")):
+def bench_gpu(real=True, sections=("train", "generate", "exact", "liger", "data")):
     """Every GPU figure of the speed issue in one run on an H100/H200: which GPU, training (full FT and LoRA at batch
     8 and 16, activation checkpointing at 32, the 24 GB preset), decoding (the three decoders at batch 1 and 64, the
     static one also with transformers' sdpa; after training, whose DataLoader forks before inductor starts its
     threads), the full-eval projection, Liger's kernels where they import, the decoders' exactness in float32, and
     the data pipeline on the host's CPU. A row that fails prints why and the next one runs; past the time budget the
-    rows left print that they were skipped, and `gpu --sections exact,data` (say) runs them in a second call."""
+    rows left print that they were skipped. The whole takes two device calls: `gpu --sections generate` (about 7
+    minutes on an H100), then `gpu --sections train,exact,liger,data` (each call's sections in this order)."""
     import transformers
     import trl
-    os.environ.setdefault("TINYVLA_BENCH_BUDGET_S", "450" if real else "inf")
+    os.environ.setdefault("TINYVLA_BENCH_BUDGET_S", "420" if real else "inf")
     transformers.utils.logging.disable_progress_bar()  # loading and saving bars: the device call returns 12k chars
     t0, best = time.time(), 0.0
     gpu = torch.cuda.get_device_name() if real else "none (--cpu: the tiny model, to check this script)"

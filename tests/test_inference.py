@@ -230,21 +230,40 @@ def noisy(tiny_model):
 def test_packed_attention_is_sdpa_without_copying_kv_heads():
     """The policy's attention: a grouped-query layer's query heads folded into the query length give sdpa's output
     (keys and values copied to every query head) for every head and query row; a wrong fold would pair a query with
-    another head's keys or another row's mask. Without a mask (a prefill with no padding) it is sdpa itself."""
+    another head's keys or another row's mask. Bool and float masks, passes of 5 tokens and of 1; without a mask (a
+    prefill with no padding) it is sdpa itself."""
     from types import SimpleNamespace
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     gen = torch.Generator().manual_seed(0)
-    b, kv, groups, q, length, dim = 3, 2, 4, 5, 11, 16
-    query, key, value = (torch.randn(b, heads, n, dim, generator=gen) for heads, n in (
-        (kv * groups, q), (kv, length), (kv, length)))
-    mask = torch.rand(b, 1, q, length, generator=gen) > 0.4
-    mask[..., 0] = True  # every query row sees a key
+    b, kv, groups, length, dim = 3, 2, 4, 11, 16
     layer = SimpleNamespace(num_key_value_groups=groups, is_causal=True)
-    for m in (mask, None):
-        want, _ = sdpa_attention_forward(layer, query, key, value, m, scaling=0.3)
-        got, _ = tinyvla.packed_gqa_sdpa(layer, query, key, value, m, scaling=0.3)
-        assert got.shape == (b, q, kv * groups, dim)
-        torch.testing.assert_close(got, want)
+    key, value = (torch.randn(b, kv, length, dim, generator=gen) for _ in range(2))
+    for q in (5, 1):
+        query = torch.randn(b, kv * groups, q, dim, generator=gen)
+        mask = torch.rand(b, 1, q, length, generator=gen) > 0.4
+        mask[..., 0] = True  # every query row sees a key
+        for m in (mask, torch.zeros(mask.shape).masked_fill(~mask, -math.inf), None):
+            want, _ = sdpa_attention_forward(layer, query, key, value, m, scaling=0.3)
+            got, _ = tinyvla.packed_gqa_sdpa(layer, query, key, value, m, scaling=0.3)
+            assert got.shape == (b, q, kv * groups, dim)
+            torch.testing.assert_close(got, want)
+
+
+def test_policy_attention_decodes_what_sdpa_decodes(noisy):
+    """The whole model on the policy's attention (padded prompts, cached passes of several tokens) answers as on
+    transformers' sdpa: the same actions from generate() and from the static decoder."""
+    model, col, stats, obs, tasks = noisy
+    answers = {}
+    try:
+        for attn in ("sdpa", tinyvla.PACKED_SDPA):
+            model.set_attn_implementation(attn)
+            answers[attn] = [tinyvla.predict(model, col, stats, obs[:3], tasks[:3], decoder)[0]
+                             for decoder in ("generate", "static")]
+    finally:
+        model.set_attn_implementation(tinyvla.PACKED_SDPA)
+    assert len({tuple(row) for row in answers["sdpa"][0].reshape(3, -1)}) == 3  # rows that differ: a mix-up shows
+    for got, want in zip(answers[tinyvla.PACKED_SDPA], answers["sdpa"]):
+        assert np.array_equal(got, want)
 
 
 def test_static_decoder_is_plain_greedy_in_fixed_shapes(noisy):
