@@ -167,8 +167,9 @@ class EvalArgs(Checked):
     ensemble_weight: float = arg(0.5, "See ensemble_version; 1: a plain average.", "(0, 1]")
     decoder: Literal["speculative", "generate", "static"] = arg(
         "speculative", "speculative: ours, the tokens known to come next decoded in the same forward pass; static: "
-        "that in fixed shapes, compiled on a GPU (CUDA graphs); generate: transformers' generate(), a pass per token.")
-    decode_width: int = arg(8, "Tokens one forward pass may decode (static: every pass this wide).", "[1, inf)")
+        "that compiled on a GPU (CUDA graphs), batches and prompts padded to few shapes; generate: transformers' "
+        "generate(), a pass per token.")
+    decode_width: int = arg(8, "Tokens one forward pass may decode (every pass this many slots wide).", "[1, inf)")
     save_video: bool = arg(True, "Write an mp4 per episode.")
     libero_assets: str = arg("", "Local LIBERO assets dir (or $LIBERO_ASSETS).")
     eval_dir: str = arg("", "Results dir (default: <run>/libero_eval/<checkpoint>, where no rotation deletes it; "
@@ -672,8 +673,9 @@ class VLATrainer(SFTTrainer):
         val, n = self.val_set, self.run_config["eval"]["gen_eval_samples"]
         idx = np.linspace(0, len(val) - 1, min(n, len(val))).astype(int)
         samples = [val[i] for i in idx]
-        pred, ok, _ = predict(self.accelerator.unwrap_model(self.model), self.data_collator, self.stats,
-                              [s["images"] for s in samples], [s["task"] for s in samples])
+        pred, ok, _ = predict(self.accelerator.unwrap_model(self.model), self.data_collator, self.stats,  # width 2:
+                              [s["images"] for s in samples], [s["task"] for s in samples], width=2)  # the forced
+        # tokens folded in; its KV cache (room for a pass per answer token, every pass this wide) stays small
         err = pred - np.stack([val.chunk(i) for i in idx])  # NaN rows where an answer did not parse
         err = err[ok] if ok.any() else err[:1]
         dim_mae = np.abs(err).mean((0, 1))
@@ -707,7 +709,7 @@ class ActionGrammar(LogitsProcessor):
     Table-driven, state per sequence on tensors: a few tensor ops per step, whatever the batch or vocab size."""
 
     def __init__(self, tokenizer, n, max_value):
-        self.n, self.done, self.state, self.count = n, max_value + 2, None, None
+        self.n, self.state, self.count = n, None, None
         self.ids = torch.tensor([single_token_id(tokenizer, c) for c in "0123456789 "] + [
             tokenizer.convert_tokens_to_ids(END_TOKEN)])  # token classes 0-9 digit, 10 space, 11 end, 12 anything else
         # states: 0 = before a number, 1 + v = in a number whose value so far is v, done = max_value + 2
@@ -740,73 +742,81 @@ class ActionGrammar(LogitsProcessor):
         out[:, self.ids] = scores[:, self.ids] + self.bias[self.state, (self.count >= self.n - 1).long()]
         return out
 
-    def state_of(self, text):  # (state, last number?) after an answer's first characters (CLASS_CHARS)
-        part = text[text.rfind(" ") + 1:]
-        return self.done if part.endswith("$") else 1 + int(part) if part else 0, int(text.count(" ") >= self.n - 1)
-
 
 @torch.no_grad()
-def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=False, compiled=None):
+def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=False, compiled=None, lag=None):
     """Greedy decoding under the grammar, each pass also fed the tokens known to come next: forced (the only one the
     grammar allows) or drafted (drafts: per row its expected answer's numbers, followed number by number). A row keeps
-    them up to the first its own greedy choice differs from: plain greedy's answers in fewer passes. Slots a row did
-    not keep stay in the cache masked out; positions (Qwen's M-RoPE) count kept tokens. static: every pass the same
-    shapes (width slots, a static KV cache of room for a pass per answer token), compiled (CUDA graphs) on a GPU
-    (compiled: True or False anywhere). -> (answers, passes)"""
-    g, dev, (b, n) = grammar, model.device, inputs["input_ids"].shape
-    ids, bias = torch.cat([g.ids, torch.tensor([pad_id])]).to(dev), g.bias.to(dev)  # class 12: an empty slot
-    allowed = g.bias.isfinite()
-    forced = torch.where(allowed.sum(-1) == 1, allowed.int().argmax(-1), -1).tolist()  # [state][last]: class or -1
+    them up to the first its own greedy choice differs from: plain greedy's answers in fewer passes. Every pass is
+    `width` slots over a static KV cache (slots a row did not keep stay in it masked out; positions, Qwen's M-RoPE,
+    count kept tokens) and every row's state lives on the device, so a GPU's host queues pass after pass, learning one
+    pass late that all rows have ended (lag: True or False anywhere). static: the cache kept for the next call of its
+    shape, the step compiled (CUDA graphs) on a GPU (compiled: True or False anywhere). -> (answers, passes)"""
+    g, dev, (b, n), w, cuda = grammar, model.device, inputs["input_ids"].shape, width, model.device.type == "cuda"
+    ids, bias, next_state = torch.cat([g.ids, torch.tensor([pad_id])]).to(dev), g.bias.to(dev), g.next_state.to(dev)
+    allowed = g.bias.isfinite()  # above, class 12: an empty slot; here, per state: the class it forces, or 12
+    forced = torch.where(allowed.sum(-1) == 1, allowed.int().argmax(-1), 12).to(dev)
+    none = [[12] * TOKENS_PER_NUMBER] * g.n  # [number, character]: a class, 12 past the number's end
+    cells = lambda i, x: ([*map(CLASS_CHARS.index, x + (" " if i < g.n - 1 else "$"))] + none[0])[:TOKENS_PER_NUMBER]
+    drafted = torch.tensor([[cells(i, x) for i, x in enumerate(nums[:g.n])] + none[len(nums):] for nums in drafts],
+                           device=dev)
+    rows, slot = torch.arange(b, device=dev), torch.arange(w, device=dev)
 
-    def greedy(logits, texts):  # the grammar's greedy choice (a class) after each text: [B, W, V], [B][W] -> [B, W]
-        state, last = torch.tensor([[g.state_of(t) for t in row] for row in texts], device=dev).unbind(-1)
-        return (logits[..., g.ids] + bias[state, last]).argmax(-1)
+    def advance(s, c):  # a row's (grammar state, numbers ended, digits in this one, draft's so far) after class c
+        state, count, j, match = s  # (count and j clamped where they index: NaN logits may pick a class not allowed)
+        digit, space = c < 10, c == 10
+        return next_state[state, c], count + space, torch.where(space, 0, j + digit), space | match & (
+            ~digit | (drafted[rows, count.clamp(max=g.n - 1), j.clamp(max=TOKENS_PER_NUMBER - 1)] == c))
 
-    def known(text, nums):  # the character sure to come next, or the draft's there, number by number; else ""
-        (state, last), i, part = g.state_of(text), text.count(" "), text[text.rfind(" ") + 1:]
-        if forced[state][last] >= 0:
-            return CLASS_CHARS[forced[state][last]]
-        want = nums[i] + (" " if i < g.n - 1 else "$") if i < len(nums) else ""
-        return want[len(part)] if want.startswith(part) and len(want) > len(part) else ""
+    def known(s):  # the class sure to come next (forced, or the draft's), per row; 12: none
+        state, count, j, match = s
+        f = forced[state, (count >= g.n - 1).long()]
+        return torch.where(f < 12, f, torch.where(match, drafted[rows, count.clamp(max=g.n - 1),
+                                                            j.clamp(max=TOKENS_PER_NUMBER - 1)], 12))
 
-    size = n + (TOKENS_PER_NUMBER * g.n + 1) * width  # static: a pass writes width slots, kept or not
-    if static:  # a static KV cache per shape, reused, emptied: CUDA graphs replay on the tensors they recorded (new
-        caches = vars(model).setdefault("static_caches", {})  # ones would record anew); kept on the model, so it goes
-        if (b, size) not in caches:  # when the model goes; a cache takes its batch size from its first use
-            caches[b, size] = StaticCache(config=model.config, max_cache_len=size)
-        (cache := caches[b, size]).reset()
-    out = model(**inputs, past_key_values=cache if static else None, use_cache=True, logits_to_keep=1)  # [B, 1, V]
-    compiled = static and (dev.type == "cuda" if compiled is None else compiled)  # the steps; prefill: eager
+    size = n + (TOKENS_PER_NUMBER * g.n + 1) * w  # a pass per answer token at most, one more for the GPU's late stop
+    caches = vars(model).setdefault("static_caches", {}) if static else {}  # static: a cache per shape, reused (CUDA
+    if (b, size) not in caches:  # graphs replay on the tensors they recorded); kept on the model, so it goes when
+        caches[b, size] = StaticCache(config=model.config, max_cache_len=size)  # the model goes
+    (cache := caches[b, size]).reset()
+    out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)  # the prompt: eager
+    compiled, lag = static and (cuda if compiled is None else compiled), cuda if lag is None else lag
     step = model.get_compiled_call(CompileConfig()) if compiled else model
-    cache, mask, passes, texts = out.past_key_values, inputs["attention_mask"], 1, [""] * b
+    mask = torch.nn.functional.pad(inputs["attention_mask"], (0, size - n))
     position = getattr(model, "get_base_model", lambda: model)().model.rope_deltas[:, 0] + mask.sum(1)  # next token's
-    choice = greedy(out.logits[:, -1:], [[""]] * b)[:, 0].tolist()  # each row's next class
-    while True:
-        nxt = ["" if t.endswith("$") else CLASS_CHARS[c] for t, c in zip(texts, choice)]
-        texts = [t + "$" if c == "$" else t for t, c in zip(texts, nxt)]  # the end token needs no forward pass
-        if all(t.endswith("$") for t in texts):
-            return [t[:-1] for t in texts], passes
-        fed = []
-        for t, c, nums in zip(texts, nxt, drafts):
-            new = "" if c == "$" else c
-            while new and len(new) < width and (c := known(t + new, nums)) not in ("", "$"):
-                new += c
-            fed.append(new)
-        w = width if static else max(map(len, fed))
-        slots = torch.tensor([[CLASS_CHARS.index(c) for c in f] + [12] * (w - len(f)) for f in fed], device=dev)
-        seen = torch.cat([mask, torch.ones_like(slots)], 1)
-        seen = torch.nn.functional.pad(seen, (0, size - seen.shape[1])) if static else seen  # static: one shape
-        out = step(input_ids=ids[slots], attention_mask=seen,
-                   position_ids=(position[:, None] + torch.arange(w, device=dev)).expand(3, -1, -1),
+    s = (*[torch.zeros(b, dtype=torch.long, device=dev)] * 3, torch.ones(b, dtype=torch.bool, device=dev))
+    choice = (out.logits[:, -1, ids[:12]] + bias[s[0], int(g.n == 1)]).argmax(-1)  # each row's next class
+    answer = torch.full((b, size - n + w), 12, device=dev)  # room for every slot of every pass (NaN logits...)
+    fin, length, passes, flags = choice == 11, s[0], 1, deque()
+    for cur in range(n, size, w):
+        fin = fin | (choice == 11)  # the end token needs no forward pass
+        flags.append((fin.all().to("cpu", non_blocking=cuda), torch.cuda.Event() if cuda else None))
+        if cuda:  # a GPU copies it once computed, and its host reads it a pass later: it never waits for a pass
+            flags[-1][1].record(torch.cuda.current_stream(dev))  # the copy's stream (dev: cuda:1, say)
+        if len(flags) > lag:
+            ended, event = flags.popleft()
+            if event is not None:
+                event.synchronize()
+            if ended:
+                break
+        c, slots, after = torch.where(fin, 12, choice), [], [s]
+        for k in range(w):  # slot k > 0: the class known to follow, if the slot before was fed ("$" never is)
+            if k:
+                c = torch.where((c < 12) & ((nk := known(after[-1])) < 11), nk, 12)
+            slots.append(c)
+            after.append(advance(after[-1], c))
+        slots, after = torch.stack(slots, 1), [torch.stack(x, 1) for x in zip(*after[1:])]  # [B, W] each
+        mask[:, cur:cur + w] = 1
+        out = step(input_ids=ids[slots], attention_mask=mask, position_ids=(position[:, None] + slot).expand(3, -1, -1),
                    past_key_values=cache, use_cache=True)
-        greedy_after = greedy(out.logits, [[t + f[:j + 1] for j in range(w)] for t, f in zip(texts, fed)])
-        kept = torch.where(slots[:, 0] < 12, 1 + (slots[:, 1:] == greedy_after[:, :-1]).long().cumprod(1).sum(1), 0)
-        top, passes = int(kept.max()), passes + 1
-        if top < w and not static:
-            cache.crop(top - w)  # the slots no row kept
-        mask = torch.cat([mask, (torch.arange(w if static else top, device=dev) < kept[:, None]).long()], 1)
-        position, choice = position + kept, greedy_after[torch.arange(b), (kept - 1).clamp(min=0)].tolist()
-        texts = [t + f[:k] for t, f, k in zip(texts, fed, kept.tolist())]
+        greedy = (out.logits[..., ids[:12]] + bias[after[0], (after[1] >= g.n - 1).long()]).argmax(-1)  # after slot k
+        kept = torch.where(slots[:, 0] < 12, 1 + (slots[:, 1:] == greedy[:, :-1]).long().cumprod(1).sum(1), 0)
+        mask[:, cur:cur + w] = slot < kept[:, None]
+        answer.scatter_(1, length[:, None] + slot, torch.where(slot < kept[:, None], slots, 12))
+        at = (kept - 1).clamp(min=0)[:, None]  # a row that kept nothing (ended) keeps its state: its slots were empty
+        s, choice = tuple(x.gather(1, at)[:, 0] for x in after), greedy.gather(1, at)[:, 0]
+        length, position, passes = length + kept, position + kept, passes + 1
+    return ["".join(CLASS_CHARS[c] for c in row if c < 11) for row in answer.tolist()], passes
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from functools import lru_cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -175,12 +176,12 @@ def bench_generate(real=False, batches=(1, 8, 32), exact=False):
                   f"{1e3 * timed(lambda: col.prompts(batch32, device=dev), 3):.1f} ms")
     print(f"{'real 3B (' + m.dtype + ', ' + device + ')' if real else 'tiny model (CPU)'}: full predict (preprocess + "
           "decode + parse). generate: transformers' generate(), a pass per token;")
-    print("  speculative: ours, forced tokens folded into a pass (width 2), and with the exact answer as draft")
-    print("  (width 16: the most a draft saves); static: ours in fixed shapes over a static KV cache, compiled on GPU")
+    print("  speculative: ours in fixed shapes over a static KV cache, forced tokens folded into a pass (width 2),")
+    print("  and with the exact answer as draft (width 16: the most a draft saves); static: that compiled on GPU")
     print("  (CUDA graphs; the first call of each batch and width compiles). attention: the policy's (packed: a")
     print("  grouped-query layer's heads folded into the query length) or transformers' sdpa (KV heads copied)")
-    print("  decoder     | width | draft | batch | attention | passes | first call s | s per call | ms per obs. | "
-          "obs./s | rows = generate's")
+    print("  decoder     | width | draft | batch | attention | passes | first call s | s per call | ms per pass | "
+          "ms per obs. | obs./s | rows = generate's")
     packed, sdpa = tinyvla.PACKED_SDPA, "sdpa"
     if exact:  # rows: (decoder, width, exact answer as draft, batch, attention)
         rows = [("generate", 1, False, 4, packed), ("speculative", 2, False, 4, packed),
@@ -225,11 +226,20 @@ def bench_generate(real=False, batches=(1, 8, 32), exact=False):
             same = f"{sum(np.array_equal(a, e) for a, e in zip(actions, plain[b]))}/{b}" if b in plain else "-"
             print(f"  {decoder:11s} | {width:5d} | {'exact' if drafted else '-':5s} | {b:5d} | "
                   f"{'packed' if attn == packed else attn:9s} | {passes:6d} | {first:12.2f} | "
-                  f"{t:10.3f} | {1e3 * t / b:11.1f} | {b / t:6.1f} | {same}")
+                  f"{t:10.3f} | {1e3 * t / passes:11.2f} | {1e3 * t / b:11.1f} | {b / t:6.1f} | {same}")
             if real and decoder == "static":  # compiled once for its shape, and run as CUDA graphs? (tests/
                 print(f"              compiled step: {counters['stats']['unique_graphs']} graph(s), graph breaks: "
                       f"{dict(counters['graph_break']) or 'none'}, CUDA graphs skipped: "  # test_inference.py checks
                       f"{counters['inductor'].get('cudagraph_skips', 0)} (0: every step replays one)")  # the compile)
+                # does the host wait for the GPU? set_sync_debug_mode warns at each implicit wait:
+                with warnings.catch_warnings(record=True) as waits:  # a few per call (the prompt's pass, copies of
+                    warnings.simplefilter("always")  # the grammar's tables, the answers' read), not one per pass (a
+                    torch.cuda.set_sync_debug_mode("warn")  # pass's end is read a pass late, by an event: not counted)
+                    try:
+                        call()
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+                print(f"              host waits for the GPU in one call: {len(waits)} ({passes} passes)")
             if not drafted and attn == packed:  # a real draft saves less; and the policy's attention only
                 best = max(best, b / t)
         if real and not exact:

@@ -329,6 +329,21 @@ def test_compiled_static_decoder_is_one_graph_and_plain_greedy(noisy):
         torch._dynamo.reset()
 
 
+def test_a_host_that_learns_the_end_a_pass_late_decodes_the_same(noisy):
+    """A GPU's host reads whether every row has ended one pass late, so that it never waits for a pass (here, on the
+    CPU, forced on): the same answers, in one pass more (all rows ended, its slots empty); with drafts too."""
+    model, col, stats, obs, tasks = noisy
+    inputs = col.prompts([{"images": o, "task": t} for o, t in zip(obs[:3], tasks[:3])])
+    plain, _, _ = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "generate")
+    lo, hi = tinyvla.action_bounds(stats)
+    shifted = [tinyvla.actions_to_text(tinyvla.draft(c, 1), lo, hi, 1000).split() for c in plain]
+    for width, drafts in ((2, [[]] * 3), (8, shifted)):
+        (now, now_passes), (late, late_passes) = (tinyvla.speculative_decode(model, inputs, tinyvla.ActionGrammar(
+            col.processor.tokenizer, 56, 1000), col.pad_id, drafts, width, lag=lag) for lag in (False, True))
+        assert late == now and late_passes == now_passes + 1
+        assert np.array_equal([tinyvla.text_to_actions(t, lo, hi, 1000, 8) for t in late], plain)
+
+
 @pytest.mark.parametrize("batch", [1, 5])
 def test_speculative_decoding_is_plain_greedy_in_fewer_passes(noisy, batch):
     """The speculative decoder returns generate()'s greedy actions whatever it is fed: one token per pass (width 1),
@@ -340,7 +355,9 @@ def test_speculative_decoding_is_plain_greedy_in_fewer_passes(noisy, batch):
     runs = {"width 1": (1, None), "forced tokens, width 2": (2, None), "forced tokens, width 8": (8, None),
             "exact draft": (16, list(plain)), "previous-chunk draft": (16, [tinyvla.draft(c, 1) for c in plain]),
             "wrong draft": (16, [1 - c for c in plain]), "the actions array as draft": (16, plain),
-            "unusable drafts (NaN, 6 dims)": (16, [np.full((8, 7), np.nan), np.zeros((8, 6)), *plain[2:]][:batch])}
+            "unusable drafts (NaN, 6 dims)": (16, [np.full((8, 7), np.nan), np.zeros((8, 6)), *plain[2:]][:batch]),
+            "drafts of 4 and 9 steps": (16, [plain[0][:4], np.concatenate([plain[1 % batch], plain[1 % batch][-1:]]),
+                                             *plain[2:]][:batch])}
     passes = {"generate": generate_passes}
     for name, (width, drafts) in runs.items():
         actions, ok, passes[name] = tinyvla.predict(model, col, stats, obs, tasks, "speculative", drafts, width)
