@@ -598,6 +598,30 @@ class Collator:
 
 
 # ----------------------------------------------------------------------------- model + trainer
+def chunked_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, cu_seq_lens_q=None,
+                 **kwargs):
+    """The vision tower's attention within its windows and images (cu_seq_lens_q: where each starts, as flash
+    attention's varlen call takes them; the name holds "flash" so that transformers passes them): the chunks of one
+    length attend in one batched sdpa call, where transformers' sdpa path makes a call per chunk (at batch 8, 64
+    windows in each of 28 layers: half of the operations a training step dispatches; tests/bench.py ops)."""
+    start, length = cu_seq_lens_q[:-1], cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]
+    sizes = sorted(set(length.tolist()))
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+    if len(sizes) == 1:  # every chunk alike (LIBERO's windows, and images): views, no gathers
+        out = sdpa(*(x[0].unflatten(1, (-1, sizes[0])).transpose(0, 1) for x in (query, key, value)))
+        return out.transpose(1, 2).flatten(0, 1)[None], None  # [chunks, heads, n, dim] -> [1, tokens, heads, dim]
+    pieces, order = [], []
+    for n in sizes:
+        idx = start[length == n][:, None] + torch.arange(n, device=query.device)  # [chunks, n]: their tokens
+        out = sdpa(*(x[0][:, idx].transpose(0, 1) for x in (query, key, value)))  # [chunks, heads, n, dim]
+        pieces.append(out.transpose(1, 2).flatten(0, 1))  # [chunks * n, heads, dim]
+        order.append(idx.flatten())
+    return torch.cat(pieces)[torch.cat(order).argsort()][None], None  # [1, tokens, heads, dim], in token order
+
+
+AttentionInterface.register(CHUNKED_SDPA := "flash_varlen_as_chunked_sdpa", chunked_sdpa)
+
+
 def load_model(model_id, m, d, device=None):
     adapter = Path(model_id, "adapter_config.json")
     base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else model_id
@@ -609,6 +633,8 @@ def load_model(model_id, m, d, device=None):
     except (OSError, ValueError, ImportError) as err:  # ImportError: flash_attention_2 without flash-attn, say
         raise TinyVLAError(f"cannot load model {base!r} ({str(err).splitlines()[0]}); check --" + (
             "attn_implementation" if isinstance(err, ImportError) else "model_id")) from None
+    if "sdpa" in m.attn_implementation:  # flash takes the vision tower's windows in one call already; eager stays
+        model.config.vision_config._attn_implementation = CHUNKED_SDPA
     if adapter.exists():
         model = PeftModel.from_pretrained(model, model_id).merge_and_unload()
     return (model.to(device) if device else model), processor
@@ -673,9 +699,9 @@ class VLATrainer(SFTTrainer):
         val, n = self.val_set, self.run_config["eval"]["gen_eval_samples"]
         idx = np.linspace(0, len(val) - 1, min(n, len(val))).astype(int)
         samples = [val[i] for i in idx]
-        pred, ok, _ = predict(self.accelerator.unwrap_model(self.model), self.data_collator, self.stats,  # width 2:
-                              [s["images"] for s in samples], [s["task"] for s in samples], width=2)  # the forced
-        # tokens folded in; its KV cache (room for a pass per answer token, every pass this wide) stays small
+        # width 2 (the forced tokens folded in): the KV cache has room for a pass per answer token, each this wide
+        pred, ok, _ = predict(self.accelerator.unwrap_model(self.model), self.data_collator, self.stats,
+                              [s["images"] for s in samples], [s["task"] for s in samples], width=2)
         err = pred - np.stack([val.chunk(i) for i in idx])  # NaN rows where an answer did not parse
         err = err[ok] if ok.any() else err[:1]
         dim_mae = np.abs(err).mean((0, 1))
@@ -763,16 +789,15 @@ def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=Fal
     rows, slot = torch.arange(b, device=dev), torch.arange(w, device=dev)
 
     def advance(s, c):  # a row's (grammar state, numbers ended, digits in this one, draft's so far) after class c
-        state, count, j, match = s  # (count and j clamped where they index: NaN logits may pick a class not allowed)
+        state, count, j, match = s  # (count and j clamped: with NaN logits a class the grammar bars may be picked)
         digit, space = c < 10, c == 10
-        return next_state[state, c], count + space, torch.where(space, 0, j + digit), space | match & (
-            ~digit | (drafted[rows, count.clamp(max=g.n - 1), j.clamp(max=TOKENS_PER_NUMBER - 1)] == c))
+        return next_state[state, c], (count + space).clamp(max=g.n - 1), torch.where(space, 0, (j + digit).clamp(
+            max=TOKENS_PER_NUMBER - 1)), space | match & (~digit | (drafted[rows, count, j] == c))
 
     def known(s):  # the class sure to come next (forced, or the draft's), per row; 12: none
         state, count, j, match = s
         f = forced[state, (count >= g.n - 1).long()]
-        return torch.where(f < 12, f, torch.where(match, drafted[rows, count.clamp(max=g.n - 1),
-                                                            j.clamp(max=TOKENS_PER_NUMBER - 1)], 12))
+        return torch.where(f < 12, f, torch.where(match, drafted[rows, count, j], 12))
 
     size = n + (TOKENS_PER_NUMBER * g.n + 1) * w  # a pass per answer token at most, one more for the GPU's late stop
     caches = vars(model).setdefault("static_caches", {}) if static else {}  # static: a cache per shape, reused (CUDA
@@ -790,12 +815,10 @@ def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=Fal
     fin, length, passes, flags = choice == 11, s[0], 1, deque()
     for cur in range(n, size, w):
         fin = fin | (choice == 11)  # the end token needs no forward pass
-        flags.append((fin.all().to("cpu", non_blocking=cuda), torch.cuda.Event() if cuda else None))
-        if cuda:  # a GPU copies it once computed, and its host reads it a pass later: it never waits for a pass
-            flags[-1][1].record(torch.cuda.current_stream(dev))  # the copy's stream (dev: cuda:1, say)
-        if len(flags) > lag:
+        flags.append((fin.all().to("cpu", non_blocking=cuda), cuda and torch.cuda.current_stream(dev).record_event()))
+        if len(flags) > lag:  # a GPU copies it once computed, and the host reads it (after its event) a pass later
             ended, event = flags.popleft()
-            if event is not None:
+            if event:
                 event.synchronize()
             if ended:
                 break

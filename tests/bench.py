@@ -10,6 +10,8 @@
     python tests/bench.py sim               # one simulator alone: steps/s with and without camera rendering, and
                                             # the env steps a full 4-suite eval takes (needs ../shared libero-meta)
     python tests/bench.py lora_params       # LoRA trainable parameters on the real 3B config (meta device)
+    python tests/bench.py ops               # a training step's dispatched operations per layer, vision attention
+                                            # per window vs batched (real 3B architecture cut down; needs ../shared)
     python tests/bench.py tokens            # a training sample's tokens on LIBERO's instructions (real processor):
                                             # vision, supervised, padding at batch 8/32 (needs ../shared)
     python tests/bench.py gpu               # every GPU figure in one run (train, the 24 GB preset, decoding, the eval
@@ -204,7 +206,8 @@ def bench_generate(real=False, batches=(1, 8, 32), exact=False):
                 vars(model).pop("static_caches", None)  # (its compiled graphs hold them)
                 torch._dynamo.reset()
                 counters.clear()
-                model.set_attn_implementation(attn)
+                model.set_attn_implementation(attn)  # every sub-model's: the vision tower's back to the policy's
+                model.config.vision_config._attn_implementation = tinyvla.CHUNKED_SDPA
             if b not in batch_of:  # every row of a batch size decodes the same observations
                 batch_of[b] = obs(b), tasks(b)
             o, tk = batch_of[b]
@@ -504,6 +507,49 @@ def bench_lora_params():
         print(f"{name}: {n / 1e6:.1f}M trainable of {total / 1e6:.1f}M ({100 * n / total:.2f}%)")
 
 
+def bench_ops():
+    """The aten operations one training step dispatches (forward and backward; views included, which launch no GPU
+    kernel) on the real Qwen2.5-VL-3B architecture (random weights, CPU, float32) cut to a layer or two, with the
+    vision tower's attention as transformers' sdpa (a call per window) and as the policy's (CHUNKED_SDPA): per layer,
+    then at full depth and batch 8 (counts grow linearly with the batch; 3 of the 4 full-attention vision layers
+    counted as windowed ones)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n = getattr(self, "n", 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    d = tinyvla.DataArgs()
+    processor = AutoProcessor.from_pretrained(REAL, size={"shortest_edge": tinyvla.image_pixels(d),
+                                                          "longest_edge": tinyvla.image_pixels(d)})
+    col, full = tinyvla.Collator(processor, d, 7), AutoConfig.from_pretrained(REAL)
+    sample = {"images": [torch.zeros(3, d.img_size, 2 * d.img_size, dtype=torch.uint8)], "task": "put the bowl on the "
+              "plate", "answer": " ".join(["512"] * 56)}  # one tiled image: 8 windows in each windowed layer
+
+    def ops(impl, batch, text_layers=1, vision_layers=2):  # the last vision layer attends over whole images
+        cfg = AutoConfig.from_pretrained(REAL)
+        cfg.text_config.num_hidden_layers, cfg.vision_config.depth = text_layers, vision_layers
+        cfg.vision_config.fullatt_block_indexes = [vision_layers - 1]
+        model = AutoModelForImageTextToText.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+        model.config.vision_config._attn_implementation = impl
+        with Count() as count:
+            model(**col([sample] * batch)).loss.backward()
+        return count.n
+    text = ops("sdpa", 2, text_layers=2) - ops("sdpa", 2)
+    print(f"a training step's operations (forward and backward), real 3B architecture cut down, CPU; per text layer "
+          f"{text}")
+    for name, impl in (("transformers' sdpa (a call per window)", "sdpa"), ("CHUNKED_SDPA", tinyvla.CHUNKED_SDPA)):
+        base = {b: ops(impl, b) for b in (2, 4)}
+        window = {b: ops(impl, b, vision_layers=3) - base[b] for b in (2, 4)}
+        at8 = lambda x: x[2] + 3 * (x[4] - x[2])
+        total = at8(base) + (full.text_config.num_hidden_layers - 1) * text + (full.vision_config.depth - 2) * at8(
+            window)
+        print(f"  vision attention {name:40s}: per windowed vision layer {window[2]} at batch 2, {window[4]} at 4, "
+              f"{at8(window)} at 8; the whole step at batch 8 and full depth ≈ {total:,}")
+
+
 def bench_gpu(real=True, sections=("train", "generate", "exact", "liger", "data")):
     """Every GPU figure of the speed issue in one run on an H100/H200: which GPU, training (full FT and LoRA at batch
     8 and 16, activation checkpointing at 32, the 24 GB preset), decoding (the three decoders at batch 1 and 64, the
@@ -552,6 +598,6 @@ if __name__ == "__main__":
     what, real = sys.argv[1], "--real" in sys.argv
     {"data": bench_data, "generate": lambda: bench_generate(real),
      "train": lambda: (bench_train(real), bench_train(real, liger=True)), "tokens": bench_tokens,
-     "libero": bench_libero, "serve": bench_serve, "sim": bench_sim, "lora_params": bench_lora_params,
+     "libero": bench_libero, "serve": bench_serve, "sim": bench_sim, "lora_params": bench_lora_params, "ops": bench_ops,
      "gpu": lambda: bench_gpu("--cpu" not in sys.argv, *[sys.argv[i + 1].split(",") for i in range(
          len(sys.argv)) if sys.argv[i] == "--sections"])}[what]()

@@ -249,6 +249,45 @@ def test_packed_attention_is_sdpa_without_copying_kv_heads():
             torch.testing.assert_close(got, want)
 
 
+def test_vision_windows_attend_in_few_calls_as_in_one_each(tiny_model, monkeypatch):
+    """The vision tower's attention: its windows (and images, in its full-attention layers) attend in one sdpa call per
+    size instead of one each, and the model computes what it does on transformers' sdpa: the same loss, logits and
+    gradients. LIBERO's 448x224 tiles alone (every window alike: no gathers), and with a 96x256 image, whose edge
+    windows are smaller (its 14x38 patches: windows of 64, 48 and 36 patches, interleaved), so that a window or a token
+    mixed up shows."""
+    import tiny
+    d = tinyvla.DataArgs()
+    model, processor = tinyvla.load_model(str(tiny_model), tinyvla.ModelArgs(dtype="float32"), d, "cpu")
+    assert model.config.vision_config._attn_implementation == tinyvla.CHUNKED_SDPA
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # the tiny model's init is near zero: every window would attend alike
+    obs, text_layers = observations(2), model.config.text_config.num_hidden_layers
+    tiles = [{"images": tinyvla.prepare_images(o, d), "task": tiny.TASKS[i], "answer": "1 2 3 4 5 6 7"}
+             for i, o in enumerate(obs)]
+    odd = {"images": [torch.from_numpy(obs[1][0][:96]).permute(2, 0, 1)], "task": tiny.TASKS[1], "answer": "7 6 5"}
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    # sdpa calls in a forward pass, transformers' and ours: 8 windows per tile and the 96x256 image's 10 in the
+    # windowed layer, then an image each in the full-attention one; ours a call per size; the text layers' alike
+    for samples, want in (([*tiles], (16 + 2, 1 + 1)), (([tiles[0], odd]), (18 + 2, 3 + 2))):
+        batch, got = tinyvla.Collator(processor, d, 7)(samples), {}
+        for impl in ("sdpa", tinyvla.CHUNKED_SDPA):
+            model.config.vision_config._attn_implementation = impl
+            model.zero_grad()
+            calls.clear()
+            out = model(**batch)
+            out.loss.backward()
+            got[impl] = (out.loss, out.logits, [p.grad.clone() for p in model.model.visual.parameters()], len(calls))
+        for a, b in zip(got[tinyvla.CHUNKED_SDPA][:2], got["sdpa"][:2]):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(got[tinyvla.CHUNKED_SDPA][2], got["sdpa"][2]):
+            torch.testing.assert_close(a, b)
+        assert (got["sdpa"][3], got[tinyvla.CHUNKED_SDPA][3]) == tuple(n + text_layers for n in want)
+
+
 def test_policy_attention_decodes_what_sdpa_decodes(noisy):
     """The whole model on the policy's attention (padded prompts, cached passes of several tokens) answers as on
     transformers' sdpa: the same actions from generate() and from the static decoder."""
@@ -256,11 +295,13 @@ def test_policy_attention_decodes_what_sdpa_decodes(noisy):
     answers = {}
     try:
         for attn in ("sdpa", tinyvla.PACKED_SDPA):
-            model.set_attn_implementation(attn)
+            model.set_attn_implementation(attn)  # every sub-model's: the vision tower's back to the policy's
+            model.config.vision_config._attn_implementation = tinyvla.CHUNKED_SDPA
             answers[attn] = [tinyvla.predict(model, col, stats, obs[:3], tasks[:3], decoder)[0]
                              for decoder in ("generate", "static")]
     finally:
         model.set_attn_implementation(tinyvla.PACKED_SDPA)
+        model.config.vision_config._attn_implementation = tinyvla.CHUNKED_SDPA
     assert len({tuple(row) for row in answers["sdpa"][0].reshape(3, -1)}) == 3  # rows that differ: a mix-up shows
     for got, want in zip(answers[tinyvla.PACKED_SDPA], answers["sdpa"]):
         assert np.array_equal(got, want)
