@@ -26,6 +26,7 @@ from contextlib import nullcontext, suppress
 from concurrent.futures import Future
 from operator import itemgetter
 from dataclasses import asdict, dataclass, field, fields
+from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -50,7 +51,7 @@ warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", F
 
 from peft import LoraConfig, PeftModel  # noqa: E402
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoModelForImageTextToText,  # noqa: E402
-                          AutoProcessor, CompileConfig, GenerationConfig, LogitsProcessor, StaticCache,
+                          AutoProcessor, GenerationConfig, LogitsProcessor, StaticCache,
                           TrainerCallback, TrainerState)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import sdpa_mask  # noqa: E402
@@ -769,6 +770,15 @@ class ActionGrammar(LogitsProcessor):
         return out
 
 
+def decoding_pass(model, head, **inputs):  # scores of the grammar's 12 token classes alone, by those rows of the
+    return model.model(**inputs).last_hidden_state @ head.T  # LM head (all 151,936: a tenth of what a pass reads)
+
+
+@cache  # one for the process (its graphs are kept per shape), made on first use: importing the compiler takes 2 s
+def compiled_pass():
+    return torch.compile(decoding_pass, dynamic=False, mode="reduce-overhead")  # CUDA graphs on a GPU
+
+
 @torch.no_grad()
 def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=False, compiled=None, lag=None):
     """Greedy decoding under the grammar, each pass also fed the tokens known to come next: forced (the only one the
@@ -804,13 +814,15 @@ def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=Fal
     if (b, size) not in caches:  # graphs replay on the tensors they recorded); kept on the model, so it goes when
         caches[b, size] = StaticCache(config=model.config, max_cache_len=size)  # the model goes
     (cache := caches[b, size]).reset()
-    out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)  # the prompt: eager
+    base = getattr(model, "get_base_model", lambda: model)()  # LoRA's (training's generation metrics) is inside
+    head = base.lm_head.weight[ids[:12]]  # read again each call: training changes it
+    scores = decoding_pass(base, head, **inputs, past_key_values=cache, use_cache=True)[:, -1]  # the prompt: eager
     compiled, lag = static and (cuda if compiled is None else compiled), cuda if lag is None else lag
-    step = model.get_compiled_call(CompileConfig()) if compiled else model
+    step = compiled_pass() if compiled else decoding_pass
     mask = torch.nn.functional.pad(inputs["attention_mask"], (0, size - n))
-    position = getattr(model, "get_base_model", lambda: model)().model.rope_deltas[:, 0] + mask.sum(1)  # next token's
+    position = base.model.rope_deltas[:, 0] + mask.sum(1)  # the next token's
     s = (*[torch.zeros(b, dtype=torch.long, device=dev)] * 3, torch.ones(b, dtype=torch.bool, device=dev))
-    choice = (out.logits[:, -1, ids[:12]] + bias[s[0], int(g.n == 1)]).argmax(-1)  # each row's next class
+    choice = (scores + bias[s[0], int(g.n == 1)]).argmax(-1)  # each row's next class
     answer = torch.full((b, size - n + w), 12, device=dev)  # room for every slot of every pass (NaN logits...)
     fin, length, passes, flags = choice == 11, s[0], 1, deque()
     for cur in range(n, size, w):
@@ -830,9 +842,10 @@ def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=Fal
             after.append(advance(after[-1], c))
         slots, after = torch.stack(slots, 1), [torch.stack(x, 1) for x in zip(*after[1:])]  # [B, W] each
         mask[:, cur:cur + w] = 1
-        out = step(input_ids=ids[slots], attention_mask=mask, position_ids=(position[:, None] + slot).expand(3, -1, -1),
-                   past_key_values=cache, use_cache=True)
-        greedy = (out.logits[..., ids[:12]] + bias[after[0], (after[1] >= g.n - 1).long()]).argmax(-1)  # after slot k
+        pos = (position[:, None] + slot).expand(3, -1, -1)  # Qwen's M-RoPE: a text token's 3 positions alike
+        scores = step(base, head, input_ids=ids[slots], attention_mask=mask, position_ids=pos, past_key_values=cache,
+                      use_cache=True)
+        greedy = (scores + bias[after[0], (after[1] >= g.n - 1).long()]).argmax(-1)  # after slot k
         kept = torch.where(slots[:, 0] < 12, 1 + (slots[:, 1:] == greedy[:, :-1]).long().cumprod(1).sum(1), 0)
         mask[:, cur:cur + w] = slot < kept[:, None]
         answer.scatter_(1, length[:, None] + slot, torch.where(slot < kept[:, None], slots, 12))

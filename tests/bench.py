@@ -14,8 +14,9 @@
                                             # per window vs batched (real 3B architecture cut down; needs ../shared)
     python tests/bench.py tokens            # a training sample's tokens on LIBERO's instructions (real processor):
                                             # vision, supervised, padding at batch 8/32 (needs ../shared)
-    python tests/bench.py gpu               # every GPU figure in one run (train, the 24 GB preset, decoding, the eval
-                                            # projection, Liger), then `data` on the host's CPU; --sections
+    python tests/bench.py gpu               # every GPU figure in one run (train and a profiled step, the 24 GB preset,
+                                            # decoding, the eval projection, Liger, torch.compile), then `data` on
+                                            # the host's CPU; --sections
                                             # generate,data: those alone. tests/gpu_setup.sh prepares the host
 --real uses the real Qwen2.5-VL-3B architecture from ../shared/assets, or $TINYVLA_ASSETS (random weights, bf16;
 for a GPU). `gpu --cpu` runs the same sequence on the tiny model, to check the script itself.
@@ -254,9 +255,12 @@ def bench_generate(real=False, batches=(1, 8, 32), exact=False):
     return best
 
 
-def bench_train(real=False, steps=5, batches=None, preset=False, liger=False):
+def bench_train(real=False, steps=5, batches=None, preset=False, liger=False, compiled=False):
     """Training steps per variant; liger: Liger's kernels alone (they patch transformers' Qwen2.5-VL classes for the
-    rest of the process, so the gpu command runs them last, after decoding)."""
+    rest of the process, so the gpu command runs them last, after decoding); compiled: torch.compile's variants
+    alone (--torch_compile: the whole model, or each repeated block apart, accelerate's regional compilation). The
+    first variant's first batch is also profiled for one step more: how long the GPU is busy in it, and launching
+    how many kernels (a step bound by the host launching them leaves the GPU idle)."""
     device = "cuda" if real else "cpu"
     mdir = model_dir(real)
     data = tiny.make_dataset(TMP / "data", episodes=6, length=(60, 60), size=256)
@@ -277,31 +281,46 @@ def bench_train(real=False, steps=5, batches=None, preset=False, liger=False):
         variants = [("full+liger", ["--use_liger_kernel", "true", "--dataloader_num_workers", "0"])]  # (the step
         if not find_spec("liger_kernel"):  # clock excludes loading a batch)
             return print("  full+liger: liger-kernel is not installed (tests/gpu_setup.sh carries it)")
-    print("  variant    | batch | samples/s | tokens/s | peak mem GiB | MFU")
+    if compiled:  # the same: inductor's threads start with the first compile
+        variants = [(label, ["--torch_compile", "true", "--dataloader_num_workers", "0"]) for label in (
+            "full+regional", "full+compile")]  # the first compiles a block per class, the second the whole model
+    print("  variant       | batch | samples/s | tokens/s | peak mem GiB | MFU    | steps 1, 2 s (compiling)")
+    profiled = False
     for label, extra in variants:
         sizes = batches or ((8, 16, 32) if real else (4,))
         ckpt = (2 * sizes[-1],) if real else sizes[-1:]  # checkpointing: for a batch that fits only with it
-        for batch in (4,) if "preset" in label else ckpt if "ckpt" in label else sizes:
+        for batch in (4,) if "preset" in label else ckpt if "ckpt" in label else sizes[:1] if label == \
+                "full+compile" else sizes:  # the whole model compiled: long, so at one batch size
             if over_budget(f"{label} batch {batch}"):
                 continue
+            profile, profiled = not profiled, True
+            os.environ.pop("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", None)  # read when the Trainer makes its
+            if "regional" in label:  # Accelerator
+                os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1"
             argv = ["--model_id", str(mdir), "--repo_id", str(data), "--output_dir", str(TMP / f"run{label}{batch}"),
                     "--dtype", "bfloat16" if real else "float32", "--max_steps",
-                    str(steps + 2), "--per_device_train_batch_size", str(batch), "--eval_strategy", "no",
+                    str(steps + 2 + profile), "--per_device_train_batch_size", str(batch), "--eval_strategy", "no",
                     "--save_strategy", "no", "--disable_tqdm", "true", "--dataloader_num_workers", "4" if real else "0",
                     "--bf16", str(real), "--use_cpu", str(not real), *extra]
             times = []
             from transformers import TrainerCallback
 
-            class Clock(TrainerCallback):
-                def on_step_begin(self, *a, **k):
+            class Clock(TrainerCallback):  # profile: the step after the timed ones
+                def on_step_begin(self, args, state, control, **k):
                     if real:
                         torch.cuda.synchronize()
+                    if profile and state.global_step == steps + 2:
+                        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + [
+                            torch.profiler.ProfilerActivity.CUDA] * real)
+                        self.prof.__enter__()
                     self.t = time.perf_counter()
 
-                def on_step_end(self, *a, **k):
+                def on_step_end(self, args, state, control, **k):
                     if real:
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - self.t)
+                    if profile and state.global_step == steps + 3:
+                        self.prof.__exit__(None, None, None)
 
             gc.collect()  # the previous variant's model (TRL's fused head makes a reference cycle of it) and
             if real:  # optimizer states: gone before this one loads and its peak memory counts
@@ -310,7 +329,7 @@ def bench_train(real=False, steps=5, batches=None, preset=False, liger=False):
             trainer, failed = None, None
             try:
                 trainer = tinyvla.make_trainer(*tinyvla.parse_args(argv))
-                trainer.add_callback(Clock())
+                trainer.add_callback(clock := Clock())
                 trainer.train()
             except Exception as err:  # out of memory: the largest batch that fits is the answer. Either way (a kernel
                 # library failing, say) the next variants still run: device time is scarce
@@ -320,7 +339,7 @@ def bench_train(real=False, steps=5, batches=None, preset=False, liger=False):
                 print(f"  {label:10s} | {batch:5d} | {failed}")
                 trainer = None
                 continue
-            step = float(np.median(times[2:]))
+            step = float(np.median(times[2:steps + 2]))
             n_tok = trainer.data_collator([trainer.train_dataset[i] for i in range(batch)])["input_ids"].numel()
             params = sum(p.numel() for p in trainer.model.parameters())
             # MFU: 6 * params * tokens per step (forward 2, backward 4: all weights incl. ViT over its patch tokens,
@@ -329,8 +348,16 @@ def bench_train(real=False, steps=5, batches=None, preset=False, liger=False):
             flop = (4 if "LoRA" in label or "preset" in label else 6) * params * n_tok
             mfu = f"{flop / step / 790e12:.1%}" if real else "-"
             mem = f"{torch.cuda.max_memory_allocated() / 2**30:12.1f}" if real else f"{'-':>12s}"
-            print(f"  {label:10s} | {batch:5d} | {batch / step:9.2f} | {n_tok / step:8.0f} | "
-                  f"{mem} | {mfu}")
+            print(f"  {label:13s} | {batch:5d} | {batch / step:9.2f} | {n_tok / step:8.0f} | "
+                  f"{mem} | {mfu:6s} | {times[0]:.1f}, {times[1]:.1f}")
+            if profile:  # the GPU's kernel time against the step's, and the kernels launched (CUDA runtime calls)
+                events = clock.prof.key_averages()
+                busy = sum(e.self_device_time_total for e in events) / 1e3
+                launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+                print(f"    profiled step ({label}, batch {batch}): {1e3 * times[-1]:.0f} ms, the GPU busy {busy:.0f} "
+                      f"ms of it ({busy / 1e3 / times[-1]:.0%}), {launches:,} kernels launched; the GPU's top five:")
+                for e in sorted(events, key=lambda e: -e.self_device_time_total)[:5]:
+                    print(f"      {e.self_device_time_total / 1e3:8.1f} ms  {e.count:6d} x  {e.key[:90]}")
             trainer = None
 
 
@@ -550,14 +577,15 @@ def bench_ops():
               f"{at8(window)} at 8; the whole step at batch 8 and full depth ≈ {total:,}")
 
 
-def bench_gpu(real=True, sections=("train", "generate", "exact", "liger", "data")):
+def bench_gpu(real=True, sections=("train", "generate", "exact", "liger", "compile", "data")):
     """Every GPU figure of the speed issue in one run on an H100/H200: which GPU, training (full FT and LoRA at batch
     8 and 16, activation checkpointing at 32, the 24 GB preset), decoding (the three decoders at batch 1 and 64, the
     static one also with transformers' sdpa; after training, whose DataLoader forks before inductor starts its
-    threads), the full-eval projection, Liger's kernels where they import, the decoders' exactness in float32, and
-    the data pipeline on the host's CPU. A row that fails prints why and the next one runs; past the time budget the
-    rows left print that they were skipped. The whole takes two device calls: `gpu --sections generate` (about 7
-    minutes on an H100), then `gpu --sections train,exact,liger,data` (each call's sections in this order)."""
+    threads), the full-eval projection, Liger's kernels where they import, the decoders' exactness in float32,
+    training compiled (torch.compile: each block apart, and the whole model), and the data pipeline on the host's
+    CPU. A row that fails prints why and the next one runs; past the time budget the rows left print that they were
+    skipped. The whole takes three device calls: `gpu --sections generate` (about 7 minutes on an H100), then
+    `gpu --sections train,exact,liger,data` and `gpu --sections compile` (each call's sections in this order)."""
     import transformers
     import trl
     os.environ.setdefault("TINYVLA_BENCH_BUDGET_S", "420" if real else "inf")
@@ -569,6 +597,7 @@ def bench_gpu(real=True, sections=("train", "generate", "exact", "liger", "data"
     runs = {"train": lambda: bench_train(real, batches=(8, 16) if real else None, preset=True),
             "generate": lambda: bench_generate(real, (1, 8)), "exact": lambda: bench_generate(real, exact=True),
             "liger": lambda: bench_train(real, batches=(8, 16) if real else None, liger=True),
+            "compile": lambda: bench_train(real, batches=(8, 16) if real else None, compiled=True),
             "data": bench_data}
     if unknown := set(sections) - set(runs):
         sys.exit(f"gpu --sections: no section {sorted(unknown)}; the sections are {', '.join(runs)}")

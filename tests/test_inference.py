@@ -310,20 +310,22 @@ def test_policy_attention_decodes_what_sdpa_decodes(noisy):
 def test_static_decoder_is_plain_greedy_in_fixed_shapes(noisy):
     """--decoder static: the speculative loop over a static KV cache, the batch padded to a power of two, the prompt to
     PROMPT_BUCKET tokens and every pass decode_width slots wide, so that a GPU compiles (CUDA graphs) each shape once:
-    generate's actions, row for row, with or without a draft, in the speculative decoder's forward passes."""
+    generate's actions, row for row, with or without a draft, in the speculative decoder's forward passes, none of
+    them through the whole LM head (the grammar's 12 rows of it: a tenth of the 3B's weights not read a pass)."""
     model, col, stats, obs, tasks = noisy
     plain, _, _ = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "generate")
     assert len({tuple(row) for row in plain.reshape(3, -1)}) == 3
     for width, drafts in ((2, None), (8, [tinyvla.draft(c, 1) for c in plain])):
         _, _, passes = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "speculative", drafts, width)
         shapes = []  # per forward pass: (input_ids shape, attention_mask shape, cache type)
-        hook = model.register_forward_pre_hook(lambda _, args, kw: shapes.append((
+        hook = model.model.register_forward_pre_hook(lambda _, args, kw: shapes.append((
             *kw["input_ids"].shape, kw["attention_mask"].shape[1], type(kw["past_key_values"]).__name__)),
             with_kwargs=True)
+        heads = model.lm_head.register_forward_hook(lambda *_: shapes.append("the whole LM head"))  # 12 rows do
         try:
             static, ok, static_passes = tinyvla.predict(model, col, stats, obs[:3], tasks[:3], "static", drafts, width)
         finally:
-            hook.remove()
+            hook.remove(), heads.remove()
         assert ok.all() and np.array_equal(plain, static) and static_passes == passes == len(shapes)
         (batch, prompt, _, cache), steps = shapes[0], set(shapes[1:])
         assert batch == 4 and prompt % tinyvla.PROMPT_BUCKET == 0 and cache == "StaticCache"
