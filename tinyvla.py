@@ -774,9 +774,9 @@ def decoding_pass(model, head, **inputs):  # scores of the grammar's 12 token cl
     return model.model(**inputs).last_hidden_state @ head.T  # LM head (all 151,936: a tenth of what a pass reads)
 
 
-@cache  # one for the process (its graphs are kept per shape), made on first use: importing the compiler takes 2 s
-def compiled_pass():
-    return torch.compile(decoding_pass, dynamic=False, mode="reduce-overhead")  # CUDA graphs on a GPU
+@cache  # one for the process, made on first use (importing the compiler takes 2 s). dynamic None, as transformers'
+def compiled_pass():  # CompileConfig: from a second shape on, one graph for all (CUDA graphs still recorded per shape)
+    return torch.compile(decoding_pass, mode="reduce-overhead")  # where dynamic False falls back to eager at the 9th
 
 
 @torch.no_grad()
@@ -814,7 +814,8 @@ def speculative_decode(model, inputs, grammar, pad_id, drafts, width, static=Fal
     if (b, size) not in caches:  # graphs replay on the tensors they recorded); kept on the model, so it goes when
         caches[b, size] = StaticCache(config=model.config, max_cache_len=size)  # the model goes
     (cache := caches[b, size]).reset()
-    base = getattr(model, "get_base_model", lambda: model)()  # LoRA's (training's generation metrics) is inside
+    base = getattr(model, "get_base_model", lambda: model)()  # LoRA's (training's generation metrics) is inside; its
+    # model.model runs outside the Trainer's autocast (--bf16 over float32 weights): the cache holds the weights' dtype
     head = base.lm_head.weight[ids[:12]]  # read again each call: training changes it
     scores = decoding_pass(base, head, **inputs, past_key_values=cache, use_cache=True)[:, -1]  # the prompt: eager
     compiled, lag = static and (cuda if compiled is None else compiled), cuda if lag is None else lag

@@ -293,7 +293,9 @@ def bench_train(real=False, steps=5, batches=None, preset=False, liger=False, co
                 "full+compile" else sizes:  # the whole model compiled: long, so at one batch size
             if over_budget(f"{label} batch {batch}"):
                 continue
-            profile, profiled = not profiled, True
+            profile = not profiled  # the first row that trains (a row out of memory passes it on)
+            if compiled:  # each compiled row from scratch: the Trainer compiles with dynamic=None, so a row after
+                torch._dynamo.reset()  # another batch size would get a dynamic-shape graph
             os.environ.pop("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", None)  # read when the Trainer makes its
             if "regional" in label:  # Accelerator
                 os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1"
@@ -326,7 +328,7 @@ def bench_train(real=False, steps=5, batches=None, preset=False, liger=False, co
             if real:  # optimizer states: gone before this one loads and its peak memory counts
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            trainer, failed = None, None
+            trainer, failed, clock = None, None, None
             try:
                 trainer = tinyvla.make_trainer(*tinyvla.parse_args(argv))
                 trainer.add_callback(clock := Clock())
@@ -335,8 +337,10 @@ def bench_train(real=False, steps=5, batches=None, preset=False, liger=False, co
                 # library failing, say) the next variants still run: device time is scarce
                 failed = "out of memory" if isinstance(err, torch.OutOfMemoryError) else \
                     f"failed: {type(err).__name__}: {str(err)[:300]}"  # err (and its frames) goes with the block
+                if getattr(clock, "prof", None) and len(times) < steps + 3:  # failed in the profiled step: the
+                    clock.prof.__exit__(None, None, None)  # profiler must not run on through the next rows
             if failed:
-                print(f"  {label:10s} | {batch:5d} | {failed}")
+                print(f"  {label:13s} | {batch:5d} | {failed}")
                 trainer = None
                 continue
             step = float(np.median(times[2:steps + 2]))
@@ -350,13 +354,15 @@ def bench_train(real=False, steps=5, batches=None, preset=False, liger=False, co
             mem = f"{torch.cuda.max_memory_allocated() / 2**30:12.1f}" if real else f"{'-':>12s}"
             print(f"  {label:13s} | {batch:5d} | {batch / step:9.2f} | {n_tok / step:8.0f} | "
                   f"{mem} | {mfu:6s} | {times[0]:.1f}, {times[1]:.1f}")
-            if profile:  # the GPU's kernel time against the step's, and the kernels launched (CUDA runtime calls)
-                events = clock.prof.key_averages()
-                busy = sum(e.self_device_time_total for e in events) / 1e3
-                launches = sum(e.count for e in events if "LaunchKernel" in e.key)
-                print(f"    profiled step ({label}, batch {batch}): {1e3 * times[-1]:.0f} ms, the GPU busy {busy:.0f} "
-                      f"ms of it ({busy / 1e3 / times[-1]:.0%}), {launches:,} kernels launched; the GPU's top five:")
-                for e in sorted(events, key=lambda e: -e.self_device_time_total)[:5]:
+            if profile:  # the GPU's time in kernels (as torch's profiler table sums it: its rows for the ops that
+                profiled = True  # launched them count them again) against the median step (the profiler slows
+                kernels = [e for e in clock.prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+                           and not getattr(e, "is_user_annotation", False)]  # the host: not that step's time)
+                busy = sum(e.self_device_time_total for e in kernels) / 1e3
+                print(f"    profiled step ({label}, batch {batch}): the GPU busy {busy:.0f} ms of the median step's "
+                      f"{1e3 * step:.0f} ms ({busy / 1e3 / step:.0%}), {sum(e.count for e in kernels):,} kernels run "
+                      f"(profiled step {1e3 * times[-1]:.0f} ms); the top five kernels:")
+                for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:5]:
                     print(f"      {e.self_device_time_total / 1e3:8.1f} ms  {e.count:6d} x  {e.key[:90]}")
             trainer = None
 
@@ -586,13 +592,16 @@ def bench_gpu(real=True, sections=("train", "generate", "exact", "liger", "compi
     CPU. A row that fails prints why and the next one runs; past the time budget the rows left print that they were
     skipped. The whole takes three device calls: `gpu --sections generate` (about 7 minutes on an H100), then
     `gpu --sections train,exact,liger,data` and `gpu --sections compile` (each call's sections in this order)."""
+    import accelerate
     import transformers
     import trl
     os.environ.setdefault("TINYVLA_BENCH_BUDGET_S", "420" if real else "inf")
     transformers.utils.logging.disable_progress_bar()  # loading and saving bars: the device call returns 12k chars
     t0, best = time.time(), 0.0
     gpu = torch.cuda.get_device_name() if real else "none (--cpu: the tiny model, to check this script)"
+    regional = "use_regional_compilation" in accelerate.utils.TorchDynamoPlugin.__dataclass_fields__  # no: whole
     print(f"GPU: {gpu}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+          f"accelerate {accelerate.__version__} (regional compilation: {'yes' if regional else 'no'}), "
           f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}; sections {', '.join(sections)}")
     runs = {"train": lambda: bench_train(real, batches=(8, 16) if real else None, preset=True),
             "generate": lambda: bench_generate(real, (1, 8)), "exact": lambda: bench_generate(real, exact=True),

@@ -425,6 +425,15 @@ def test_real_tokenizer_and_template_train(dataset_v2, tmp_path):
     check_final(out, False)
 
 
+def test_mixed_precision_over_float32_weights_decodes_the_generation_metrics(tiny_model, dataset_v2, tmp_path):
+    """--bf16 over float32 weights (the Trainer's autocast): each eval still decodes its samples. The decoder's static
+    KV cache takes the weights' dtype, which autocast's bf16 keys and values do not fit: the first eval crashed."""
+    r = run_cli(*train_args(tiny_model, dataset_v2, tmp_path / "run", "--bf16", "true", "--max_steps", 2,
+                            "--eval_strategy", "steps", "--eval_steps", 2, "--eval_max_batches", 1, "--save_strategy",
+                            "no"))
+    assert "| val parse rate / mae / mse (last generation eval) | 1 / " in r.stdout
+
+
 def test_qwen3_vl_trains_and_decodes_as_generate(dataset_v2, tmp_path):
     """Another base model, as a user swaps it in: a Qwen3-VL (interleaved M-RoPE, DeepStack vision, 16 px patches)
     trains through the real CLI, and on it every decoder gives generate()'s actions, row for row."""
