@@ -114,7 +114,7 @@ def test_dead_simulator_worker_is_one_line(trained_run, tmp_path):
 import time, psutil, tinyvla
 e = tinyvla.parse_args({[str(a) for a in argv]!r})[2]
 policy = tinyvla.Policy(e.eval, "cpu")
-forward = policy.model.forward
+forward = policy.model.model.forward  # every decoding pass runs the language and vision model
 killed = []
 def killing(*args, **kwargs):  # the model (transformers'), at the start of the policy's second call
     if policy.calls == 1 and not killed:
@@ -124,7 +124,7 @@ def killing(*args, **kwargs):  # the model (transformers'), at the start of the 
             while worker.status() != psutil.STATUS_ZOMBIE:  # dead, its pipe closed; not reaped: the eval reads its
                 time.sleep(0.01)  # exit code
     return forward(*args, **kwargs)
-policy.model.forward = killing
+policy.model.model.forward = killing
 try:
     tinyvla.evaluate_libero(e.eval, e, policy)
 except tinyvla.TinyVLAError as err:
@@ -146,12 +146,12 @@ def test_a_policy_error_ends_the_eval_with_that_error(trained_run, tmp_path):
 import tinyvla
 e = tinyvla.parse_args({[str(a) for a in argv]!r})[2]
 policy = tinyvla.Policy(e.eval, "cpu")
-forward = policy.model.forward
+forward = policy.model.model.forward  # every decoding pass runs the language and vision model
 def failing(*args, **kwargs):  # the model (transformers'), failing in the policy's third call
     if policy.calls == 2:
         raise {error}
     return forward(*args, **kwargs)
-policy.model.forward = failing
+policy.model.model.forward = failing
 tinyvla.evaluate_libero(e.eval, e, policy)
 """
         r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
