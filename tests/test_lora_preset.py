@@ -25,7 +25,7 @@ def test_preset_resolves_to_the_guide():
                                                                                              1.0)
     assert (str(t.lr_scheduler_type), t.warmup_steps, t.num_train_epochs) == ("SchedulerType.COSINE", 0.05, 64)
     assert (t.eval_strategy, e.eval_max_batches, e.gen_eval_every, e.gen_eval_samples) == ("epoch", 50, 5, 30)
-    assert (t.save_strategy, e.save_every_epochs, e.ensemble_window) == ("epoch", 5, 10)
+    assert (t.save_strategy, t.save_steps, t.save_total_limit, e.ensemble_window) == ("steps", 500, 3, 10)
 
 
 def test_preset_trains_end_to_end(tiny_model, tmp_path):
@@ -39,7 +39,7 @@ def test_preset_trains_end_to_end(tiny_model, tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
-    assert len(checkpoints) == 1  # epoch 5 only, not every epoch
+    assert checkpoints == ["checkpoint-5"]  # a step an epoch: none every 500 steps, the last step's as a run ends
     for name in [checkpoints[0], "best", "final"]:
         assert (out / name / tinyvla.RUN_CONFIG).exists() and (out / name / "adapter_config.json").exists()
     run = json.loads((out / "final" / tinyvla.RUN_CONFIG).read_text())
@@ -47,8 +47,9 @@ def test_preset_trains_end_to_end(tiny_model, tmp_path):
     state = json.loads((out / checkpoints[0] / "trainer_state.json").read_text())
     evals = [h for h in state["log_history"] if "eval_loss" in h]
     gens = [h for h in state["log_history"] if "val/parse_rate" in h]
-    assert len(evals) == 5 and len(gens) == 1 and gens[0]["val/parse_rate"] == 1.0
+    assert len(evals) == 4 and not gens  # epochs 1-4 (the 5th evaluates after the last step's save): no generation
     assert all(h["eval_num_tokens"] > 0 for h in evals)
+    assert "| val parse rate / mae / mse (last generation eval) | 1 / " in r.stdout  # the 5th evaluation's
     # eval reads the checkpoint's settings back (the preset's 16 envs, window 10); flags still override them
     e = tinyvla.parse_args(["--eval", str(out / "final")])[2]
     assert (e.num_envs, e.ensemble_window, e.eval) == (16, 10, str(out / "final"))
