@@ -128,8 +128,10 @@ class Checked:
 
 @dataclass
 class ModelArgs(Checked):
-    model_id: str = arg("Qwen/Qwen2.5-VL-3B-Instruct", "Hub id or local dir of a Qwen2.5-VL or Qwen3-VL.")
-    dtype: Literal["bfloat16", "float16", "float32"] = arg("bfloat16", "Weights dtype.")
+    model_id: str = arg("Qwen/Qwen2.5-VL-3B-Instruct", "Hub id or local dir of a Qwen2.5-VL or Qwen3-VL (--eval, "
+                        "--serve: a LoRA checkpoint's base model, by default the one it names).")
+    dtype: Literal["bfloat16", "float16", "float32"] = arg("bfloat16", "Weights dtype (--eval, --serve: by default "
+                                                           "the checkpoint's; on a CPU, float32).")
     attn_implementation: Literal["sdpa", "flash_attention_2", "flash_attention_3", "eager"] = arg("sdpa", "")
     use_lora: bool = arg(False, "Train LoRA adapters instead of all weights.")
     lora_r: int = arg(32, "LoRA rank.", "[1, inf)")
@@ -186,6 +188,8 @@ class EvalArgs(Checked):
     port: int = arg(8000, "Serve on this port.", "[1, 65535]")
     api_key: str = arg("", "Clients must send 'Authorization: Api-Key <key>' (openpi: api_key=).")
     obs_keys: list[str] = arg(["observation/image", "observation/wrist_image"], "Request keys of the cameras.")
+    serve_max_batch: int = arg(64, "Requests one batched policy call answers at most (the rest wait for the next "
+                               "round): more clients than fit in the GPU's memory take turns.", "[1, inf)")
 
 
 def parse_args(argv=None):
@@ -206,8 +210,12 @@ def parse_args(argv=None):
     margs, dargs, eargs, targs = parse()
     ckpt = eargs.eval or eargs.serve
     if ckpt and (saved := local_dir(ckpt, "model") / RUN_CONFIG).exists():  # its eval settings are the defaults now
-        parser.set_defaults(**{k: v for k, v in json.loads(saved.read_text())["eval"].items() if k in {
-            f.name for f in fields(EvalArgs)} - {"eval", "eval_dir", "shard_id", "num_shards", "serve", "api_key"}})
+        run, adapter = json.loads(saved.read_text()), saved.with_name("adapter_config.json")
+        parser.set_defaults(**{k: v for k, v in run["eval"].items() if k in {
+            f.name for f in fields(EvalArgs)} - {"eval", "eval_dir", "shard_id", "num_shards", "serve", "api_key",
+                                                 "libero_assets"}},  # where, who, and paths of the training machine
+                            dtype=run["model"]["dtype"], **{"model_id": json.loads(adapter.read_text())[
+                                "base_model_name_or_path"]} if adapter.exists() else {})  # LoRA: the base it names
         margs, dargs, eargs, targs = parse()  # the yaml's values are set as defaults again: over the checkpoint's
     for name, valid in {"per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",  # TRL's
                         "gradient_accumulation_steps": "[1, inf)", "dataloader_num_workers": "[0, inf)",
@@ -311,7 +319,10 @@ def load_run_info(ckpt):
     ckpt = local_dir(str(ckpt), "model")
     if (ckpt / RUN_CONFIG).exists() and not any((ckpt / f).exists() for f in ("config.json", "adapter_config.json")):
         raise TinyVLAError(f"{ckpt} is a run dir, not a checkpoint: evaluate or serve {ckpt / 'final'} (or best/)")
-    if (ckpt / RUN_CONFIG).exists() and (ckpt / ACTION_STATS).exists():
+    if (ckpt / RUN_CONFIG).exists() and not (ckpt / ACTION_STATS).exists():  # written last (save_run_info)
+        raise TinyVLAError(f"{ckpt} is incomplete (no {ACTION_STATS}: killed while saving it?); resume its run "
+                           "(--resume_from_checkpoint last), which saves it again")
+    if (ckpt / RUN_CONFIG).exists():
         run = json.loads((ckpt / RUN_CONFIG).read_text())
         if run["data"].get("action_norm", "global") != "global":  # options TinyVLA dropped are ignored, but not this
             raise TinyVLAError(f"{ckpt} was trained with per-task action bounds, which this TinyVLA no longer decodes")
@@ -623,9 +634,10 @@ def chunked_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, sc
 AttentionInterface.register(CHUNKED_SDPA := "flash_varlen_as_chunked_sdpa", chunked_sdpa)
 
 
-def load_model(model_id, m, d, device=None):
+def load_model(model_id, m, d, device=None, base=None, merge=True):  # base: a LoRA checkpoint's, if not the one
+    """The model and processor of model_id (a LoRA checkpoint: its base with the adapter, merged or kept apart)."""
     adapter = Path(model_id, "adapter_config.json")
-    base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else model_id
+    base = (base or json.loads(adapter.read_text())["base_model_name_or_path"]) if adapter.exists() else model_id
     try:  # the base model of a LoRA checkpoint too (a hub id not cached offline, a path of another machine)
         processor = AutoProcessor.from_pretrained(model_id, size={"shortest_edge": image_pixels(d),
                                                                   "longest_edge": image_pixels(d)})
@@ -636,8 +648,9 @@ def load_model(model_id, m, d, device=None):
             "attn_implementation" if isinstance(err, ImportError) else "model_id")) from None
     if "sdpa" in m.attn_implementation:  # flash takes the vision tower's windows in one call already; eager stays
         model.config.vision_config._attn_implementation = CHUNKED_SDPA
-    if adapter.exists():
-        model = PeftModel.from_pretrained(model, model_id).merge_and_unload()
+    if adapter.exists():  # merged: a model to train on. A policy keeps it apart, computing what training did: the
+        model = PeftModel.from_pretrained(model, model_id)  # update merged into bf16 weights would partly round away
+        model = model.merge_and_unload() if merge else model  # (each weight's below half its precision step)
     return (model.to(device) if device else model), processor
 
 
@@ -887,14 +900,14 @@ def predict(model, collator, stats, images, tasks, decoder="speculative", drafts
 class Policy:
     """A checkpoint dir (full model or LoRA adapter + run config + action stats) as a batched policy."""
 
-    def __init__(self, ckpt, device=None, decoder="speculative", decode_width=8):
-        self.model_dir, self.m, self.d, self.stats = load_run_info(ckpt)
+    def __init__(self, ckpt, device=None, decoder="speculative", decode_width=8, m=None):  # m: --dtype, --model_id
+        self.model_dir, self.m, self.d, self.stats = load_run_info(ckpt)  # (a LoRA checkpoint's base) over the saved
         self.decoder, self.width = decoder, decode_width
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.m.dtype = "float32" if device == "cpu" else self.m.dtype
+        self.m.dtype = "float32" if device == "cpu" else (m or self.m).dtype
         self.m.attn_implementation = PACKED_SDPA  # sdpa's kernels: the decoders' masks (padding, slots not kept) are
         # tested with them; and the kernel a run trained with (flash-attn, say) need not be installed where it is used
-        self.model, processor = load_model(str(self.model_dir), self.m, self.d, device)
+        self.model, processor = load_model(str(self.model_dir), self.m, self.d, device, m and m.model_id, merge=False)
         self.collator = Collator(processor, self.d, len(self.stats["global"]["lo"]))
         self.parse_failures, self.calls, self.passes = 0, 0, 0  # running totals (a server runs for weeks)
 
@@ -1082,11 +1095,10 @@ def results_table(results):
     return "\n".join(lines), suites["mean"].to_dict()
 
 
-def evaluate_libero(ckpt, e, policy=None):
+def evaluate_libero(ckpt, e, policy):
     """Batched, resumable LIBERO evaluation; one policy call per step for all live envs."""
     import multiprocessing as mp
     from multiprocessing.connection import wait as mp_wait
-    policy = policy or Policy(ckpt, None, e.decoder, e.decode_width)  # first: a bad checkpoint fails before writing
     if e.action_horizon > policy.d.horizon:
         raise TinyVLAError(f"action_horizon {e.action_horizon} is longer than the policy's chunks ({policy.d.horizon})")
     assets = setup_libero(e.libero_assets)
@@ -1106,7 +1118,8 @@ def evaluate_libero(ckpt, e, policy=None):
                      f"another eval is writing {results_file}: wait for it, or use another --eval_dir")
     results = read_results(results_file)  # from an earlier run of this shard: skipped now
     write_whole(results_file, "".join(json.dumps(r) + "\n" for r in results))  # duplicates, a torn line gone
-    finished = {episode_key(r) for r in results}
+    finished = {episode_key(r) for r in read_results(*out_dir.glob("results_shard*.jsonl"))  # this shard's, and a
+                if r.get("setup") == setup}  # run's of another shard count (a resume on more GPUs, say)
     pending = deque(ep for ep in all_episodes[e.shard_id::e.num_shards] if episode_key(ep) not in finished)
     ctx, todo, cameras = mp.get_context("spawn"), len(pending), len(policy.d.image_keys)  # one camera: agent view
     procs, episode, last = {}, {}, {}  # per simulator's pipe: its process, its episode, that episode's last chunk
@@ -1169,7 +1182,7 @@ def evaluate_libero(ckpt, e, policy=None):
     standard = {"task_ids": [[]], "episodes_per_task": [50], "episode_max_steps": [0, SUITE_MAX_STEPS.get(e.suite)]}
     subset = [f"{k} {getattr(e, k)}" for k, ok in standard.items() if getattr(e, k) not in ok]  # LIBERO's protocol
     with hold_lock(out_dir / ".results.lock", None):  # shards ending together: the last to write read them all
-        found = [r for r in read_results(*sorted(out_dir.glob(f"results_shard*of{e.num_shards}.jsonl")))
+        found = [r for r in read_results(*sorted(out_dir.glob("results_shard*.jsonl")))  # any shard count's too
                  if episode_key(r) in wanted]
         merged = [r for r in found if r.get("setup") == setup]  # not those of a shard started with other settings
         table, summary = results_table(merged)
@@ -1229,10 +1242,10 @@ def request_images(obs, keys, crop_ratio, specials=()):
 
 class Batcher:
     """The clients' requests (a thread each) answered by one batched policy call per round, in a thread of its own:
-    a round takes every request that has arrived."""
+    a round takes the requests that have arrived, oldest first, max_batch at most."""
 
-    def __init__(self, policy):
-        self.policy, self.requests = policy, queue.SimpleQueue()
+    def __init__(self, policy, max_batch):
+        self.policy, self.max_batch, self.requests = policy, max_batch, queue.SimpleQueue()
         threading.Thread(target=self.run, daemon=True).start()
 
     def __call__(self, images, task, draft=None):  # -> (chunk, {model_ms, batch, passes} of the batched call)
@@ -1241,8 +1254,8 @@ class Batcher:
 
     def run(self):
         while True:
-            batch = [self.requests.get()]  # the first to arrive, then all that are waiting (this is the only reader)
-            while not self.requests.empty():
+            batch = [self.requests.get()]  # the first to arrive, then those waiting (this is the only reader)
+            while len(batch) < self.max_batch and not self.requests.empty():
                 batch.append(self.requests.get())
             images, tasks, drafts, futures = map(list, zip(*batch))
             start, passes = time.perf_counter(), self.policy.passes
@@ -1257,12 +1270,12 @@ class Batcher:
                     future.set_exception(err)
 
 
-def serve_policy(ckpt, e):
+def serve_policy(ckpt, e, policy):
     """A checkpoint served over openpi's protocol: websocket, msgpack with numpy arrays, metadata on connect, a text
     frame for a bad request. A connection is one episode (ensembled apart); {"reset": true} starts the next."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.server import serve
-    batcher = Batcher(Policy(ckpt, None, e.decoder, e.decode_width))
+    batcher = Batcher(policy, e.serve_max_batch)
     d, stats, (lo, hi) = batcher.policy.d, batcher.policy.stats, action_bounds(batcher.policy.stats)
     specials = batcher.policy.collator.processor.tokenizer.all_special_tokens
     if len(e.obs_keys) != len(d.image_keys):
@@ -1401,7 +1414,11 @@ def train(m, d, e, targs):
 def main(argv=None):
     try:
         m, d, e, targs = parse_args(argv)
-        evaluate_libero(e.eval, e) if e.eval else serve_policy(e.serve, e) if e.serve else train(m, d, e, targs)
+        if e.eval or e.serve:  # the policy first: a bad checkpoint fails before anything is written
+            policy = Policy(e.eval or e.serve, None, e.decoder, e.decode_width, m)
+            evaluate_libero(e.eval, e, policy) if e.eval else serve_policy(e.serve, e, policy)
+        else:
+            train(m, d, e, targs)
     except TinyVLAError as err:  # one from a DataLoader worker arrives with its traceback: the last line is the message
         for bar in list(tqdm._instances):  # close the progress bars first: the message is the last line printed
             bar.close()

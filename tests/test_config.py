@@ -28,19 +28,21 @@ def test_precedence_default_yaml_cli(tmp_path):
 
 @pytest.mark.parametrize("mode", ["--eval", "--serve"])
 def test_a_checkpoints_eval_settings_are_the_defaults_however_it_is_named(tmp_path, mode):
-    """Its saved ensembling is what it is evaluated and served with: `--eval PATH`, `--eval=PATH` or a yaml's `eval:`
-    alike; a yaml value or a flag still wins."""
+    """Its saved ensembling and dtype are what it is evaluated and served with: `--eval PATH`, `--eval=PATH` or a
+    yaml's `eval:` alike; a yaml value or a flag still wins."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    saved = {"eval": {**vars(tinyvla.EvalArgs()), "ensemble_window": 10, "num_envs": 16, "decode_width": 4}}
+    saved = {"eval": {**vars(tinyvla.EvalArgs()), "ensemble_window": 10, "num_envs": 16, "decode_width": 4},
+             "model": {**vars(tinyvla.ModelArgs()), "dtype": "float16"}}
     (ckpt / tinyvla.RUN_CONFIG).write_text(json.dumps(saved))
     cfg, key = tmp_path / "c.yaml", mode[2:]
     cfg.write_text(yaml.safe_dump({key: str(ckpt), "num_envs": 3}))
     for argv in ([mode, str(ckpt)], [f"{mode}={ckpt}"], ["--config", str(cfg)]):
-        e = tinyvla.parse_args(argv)[2]
-        assert (getattr(e, key), e.ensemble_window, e.decode_width) == (str(ckpt), 10, 4), argv
+        m, _, e, _ = tinyvla.parse_args(argv)
+        assert (getattr(e, key), e.ensemble_window, e.decode_width, m.dtype) == (str(ckpt), 10, 4, "float16"), argv
         assert e.num_envs == (3 if "--config" in argv else 16), argv
-    assert tinyvla.parse_args([f"{mode}={ckpt}", "--ensemble_window", "2"])[2].ensemble_window == 2
+    m, _, e, _ = tinyvla.parse_args([f"{mode}={ckpt}", "--ensemble_window", "2", "--dtype", "bfloat16"])
+    assert (e.ensemble_window, m.dtype) == (2, "bfloat16")
 
 
 def test_repo_config_yaml_is_the_reference_recipe():
@@ -187,6 +189,26 @@ def test_a_run_dir_is_not_a_checkpoint(trained_run):
     with pytest.raises(tinyvla.TinyVLAError, match=f"{trained_run[0]} is a run dir, not a checkpoint: evaluate or "
                        f"serve {trained_run[0] / 'final'}"):
         tinyvla.Policy(trained_run[0], device="cpu")
+
+
+def test_a_checkpoint_torn_while_saving_says_so(trained_run, tmp_path):
+    """Killed while saving: its weights and run config written, its action stats (written last) not."""
+    torn = tmp_path / "final"
+    shutil.copytree(trained_run[0] / "final", torn)
+    (torn / tinyvla.ACTION_STATS).unlink()
+    with pytest.raises(SystemExit, match=f"{torn} is incomplete .*killed while saving it.*resume its run"):
+        tinyvla.main(["--eval", str(torn), "--eval_dir", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
+
+
+def test_eval_takes_the_checkpoints_eval_settings_but_not_its_machines_paths(trained_run, tmp_path):
+    ckpt = tmp_path / "final"  # trained on a machine whose LIBERO assets lie at /cluster/libero/assets
+    shutil.copytree(trained_run[0] / "final", ckpt)
+    run = json.loads((ckpt / tinyvla.RUN_CONFIG).read_text())
+    run["eval"].update(libero_assets="/cluster/libero/assets", ensemble_window=5)
+    (ckpt / tinyvla.RUN_CONFIG).write_text(json.dumps(run))
+    e = tinyvla.parse_args(["--eval", str(ckpt)])[2]
+    assert (e.ensemble_window, e.libero_assets) == (5, "")
 
 
 def test_action_horizon_longer_than_the_chunks_is_one_line(trained_run, tmp_path):

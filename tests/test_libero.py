@@ -51,6 +51,12 @@ def test_eval_writes_results_table_videos_and_skips_finished(trained_run, tmp_pa
     r = subprocess.run(eval_cmd(trained_run[0] / "final", out), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(results(out)) == 2 and all(x["setup"]["ensemble_window"] == 8 for x in results(out))
+    # resumed as two shards (more GPUs): shard 1 finds its episode finished by the one-shard run, and its table
+    # counts both episodes, each once
+    r = subprocess.run(eval_cmd(trained_run[0] / "final", out, "--shard_id", 1, "--num_shards", 2),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "2 of 2 episodes finished" in r.stdout and "0 env steps" in r.stdout, r.stderr[-3000:]
+    assert not (out / "results_shard1of2.jsonl").read_text()
     # other settings or other weights (best/ rewritten by a later epoch, say): these results are not theirs
     before = (out / "results_shard0of1.jsonl").read_text()
     for ckpt, extra, changed in [("final", ["--ensemble_window", 1], "(ensemble_window 8 (now 1)):"),

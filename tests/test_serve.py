@@ -259,6 +259,24 @@ out["after"] = client().infer(good(1))["actions"]
     assert np.allclose(out["after"], expected[1], atol=1e-6) and proc.poll() is None
 
 
+def test_a_round_answers_at_most_serve_max_batch_requests(policy):
+    """Seven clients at once and serve_max_batch 3: every batched call answers 3 at most (more would not fit a GPU's
+    memory, failing every request of the round), and every client gets its own chunk."""
+    batcher, obs = tinyvla.Batcher(policy, 3), observations(7, seed=3)
+    start, replies = threading.Barrier(7), {}
+
+    def robot(i):
+        start.wait()
+        replies[i] = batcher(obs[i], tiny.TASKS[0])
+    threads = [threading.Thread(target=robot, args=(i,)) for i in range(7)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    batches = [timing["batch"] for _, timing in replies.values()]
+    assert len(replies) == 7 and max(batches) == 3, batches  # all seven waiting, or six behind the first: rounds of 3
+    expected = policy(obs, [tiny.TASKS[0]] * 7)
+    assert all(np.allclose(replies[i][0], expected[i], atol=1e-6) for i in range(7))
+
+
 def test_exposed_host_warns_and_busy_port_is_one_line(trained_run, server):
     port, *_ = server
     proc, _, err = start_server(trained_run[0] / "final", "--port", port)

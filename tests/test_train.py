@@ -49,6 +49,28 @@ def test_cli_trains_and_saves_final(lora, tiny_model, dataset_v2, tmp_path):
     if lora:  # only the language model's projections carry adapters
         cfg = json.loads((out / "final/adapter_config.json").read_text())
         assert cfg["target_modules"] == tinyvla.LORA_TARGETS
+        obs, tasks = observations(2), [tiny.TASKS[0]] * 2
+        policy = tinyvla.Policy(out / "final", "cpu")
+        expected = policy(obs, tasks)
+        # the policy computes what training did, the adapter's product added to the base's: merged into the weights
+        # (bf16 on a GPU), an update below half a weight's precision step would round away
+        from peft import PeftModel
+        from transformers import AutoModelForImageTextToText
+        trained = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_model), out / "final")
+        inputs = policy.collator.prompts([{"images": tinyvla.prepare_images(o, policy.d), "task": t}
+                                          for o, t in zip(obs, tasks)])
+        with torch.no_grad():
+            assert torch.equal(policy.model(**inputs).logits, trained(**inputs).logits)
+        # served elsewhere: the base model it names (a path of the training machine) is not there; --model_id is
+        cfg["base_model_name_or_path"] = "/cluster/models/qwen"
+        (out / "final/adapter_config.json").write_text(json.dumps(cfg))
+        m = tinyvla.parse_args(["--serve", str(out / "final")])[0]
+        assert (m.model_id, m.dtype) == ("/cluster/models/qwen", "float32")  # the checkpoint's
+        with pytest.raises(tinyvla.TinyVLAError, match="cannot load model '/cluster/models/qwen'.*check --model_id"):
+            tinyvla.Policy(out / "final", "cpu", m=m)
+        m = tinyvla.parse_args(["--serve", str(out / "final"), "--model_id", str(tiny_model), "--dtype", "bfloat16"])[0]
+        assert (m.model_id, m.dtype) == (str(tiny_model), "bfloat16")
+        assert np.array_equal(tinyvla.Policy(out / "final", "cpu", m=m)(obs, tasks), expected)
 
 
 def test_lora_targets_language_model_only(tiny_model):
