@@ -213,7 +213,7 @@ def parse_args(argv=None):
         run, adapter = json.loads(saved.read_text()), saved.with_name("adapter_config.json")
         parser.set_defaults(**{k: v for k, v in run["eval"].items() if k in {
             f.name for f in fields(EvalArgs)} - {"eval", "eval_dir", "shard_id", "num_shards", "serve", "api_key",
-                                                 "libero_assets"}},  # where, who, and paths of the training machine
+                                                 "libero_assets", "serve_max_batch"}},  # the training machine's
                             dtype=run["model"]["dtype"], **{"model_id": json.loads(adapter.read_text())[
                                 "base_model_name_or_path"]} if adapter.exists() else {})  # LoRA: the base it names
         margs, dargs, eargs, targs = parse()  # the yaml's values are set as defaults again: over the checkpoint's
@@ -900,8 +900,9 @@ def predict(model, collator, stats, images, tasks, decoder="speculative", drafts
 class Policy:
     """A checkpoint dir (full model or LoRA adapter + run config + action stats) as a batched policy."""
 
-    def __init__(self, ckpt, device=None, decoder="speculative", decode_width=8, m=None):  # m: --dtype, --model_id
-        self.model_dir, self.m, self.d, self.stats = load_run_info(ckpt)  # (a LoRA checkpoint's base) over the saved
+    def __init__(self, ckpt, device=None, decoder="speculative", decode_width=8, m=None):  # m: parse_args's, whose
+        self.model_dir, self.m, self.d, self.stats = load_run_info(ckpt)  # dtype and model_id (a LoRA checkpoint's
+        # base) replace the checkpoint's: parse_args makes those the defaults, a ModelArgs() would name the hub's
         self.decoder, self.width = decoder, decode_width
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.m.dtype = "float32" if device == "cpu" else (m or self.m).dtype
@@ -1078,10 +1079,12 @@ def write_whole(path, text):  # a reader, another shard or a kill never meets it
     os.replace(tmp, path)
 
 
-def read_results(*paths):
-    """The finished episodes in results files, each once; a half-written last line (killed, still writing) is not."""
+def read_results(*paths, setup=None):
+    """The finished episodes in results files (of this setup, if given), each once; a half-written last line (killed,
+    still writing) is not."""
     texts = [path.read_text() if path.exists() else "" for path in paths]
     rows = [json.loads(line) for text in texts for line in text[: text.rfind("\n") + 1].splitlines()]
+    rows = [r for r in rows if setup is None or r.get("setup") == setup]  # before an episode's rows are one
     return list({episode_key(r): r for r in rows[::-1]}.values())[::-1]  # two runs wrote one episode: the first counts
 
 
@@ -1106,7 +1109,8 @@ def evaluate_libero(ckpt, e, policy):
     local = Path(ckpt).resolve()  # "." too: results must not land inside a checkpoint (a rotation deletes them)
     out_dir = Path(e.eval_dir or (local.parent / "libero_eval" / local.name if local.exists() else Path(
         "libero_eval", ckpt.replace("/", "--"))))  # a hub id: ./libero_eval/owner--name
-    setup = {**{k: getattr(e, k) for k in EVAL_SETUP}, "weights": weights_id(policy.model_dir)}  # in every result
+    setup = {**{k: getattr(e, k) for k in EVAL_SETUP}, "weights": weights_id(policy.model_dir),  # in every result
+             "dtype": policy.m.dtype}
     other = next((r.get("setup", {}) for r in read_results(*out_dir.glob("results_shard*.jsonl")) if r.get("setup")
                   != setup), None)  # results of other settings or weights must not pass for this eval's
     if other is not None:
@@ -1118,8 +1122,8 @@ def evaluate_libero(ckpt, e, policy):
                      f"another eval is writing {results_file}: wait for it, or use another --eval_dir")
     results = read_results(results_file)  # from an earlier run of this shard: skipped now
     write_whole(results_file, "".join(json.dumps(r) + "\n" for r in results))  # duplicates, a torn line gone
-    finished = {episode_key(r) for r in read_results(*out_dir.glob("results_shard*.jsonl"))  # this shard's, and a
-                if r.get("setup") == setup}  # run's of another shard count (a resume on more GPUs, say)
+    finished = {episode_key(r) for r in read_results(*out_dir.glob("results_shard*.jsonl"), setup=setup)}  # this
+    # shard's, and those of a run of another shard count (a resume on more GPUs, say)
     pending = deque(ep for ep in all_episodes[e.shard_id::e.num_shards] if episode_key(ep) not in finished)
     ctx, todo, cameras = mp.get_context("spawn"), len(pending), len(policy.d.image_keys)  # one camera: agent view
     procs, episode, last = {}, {}, {}  # per simulator's pipe: its process, its episode, that episode's last chunk
@@ -1182,13 +1186,12 @@ def evaluate_libero(ckpt, e, policy):
     standard = {"task_ids": [[]], "episodes_per_task": [50], "episode_max_steps": [0, SUITE_MAX_STEPS.get(e.suite)]}
     subset = [f"{k} {getattr(e, k)}" for k, ok in standard.items() if getattr(e, k) not in ok]  # LIBERO's protocol
     with hold_lock(out_dir / ".results.lock", None):  # shards ending together: the last to write read them all
-        found = [r for r in read_results(*sorted(out_dir.glob("results_shard*.jsonl")))  # any shard count's too
-                 if episode_key(r) in wanted]
-        merged = [r for r in found if r.get("setup") == setup]  # not those of a shard started with other settings
-        table, summary = results_table(merged)
-        left_out = len(found) - len(merged)
-        status = f"{len(merged)} of {len(all_episodes)} episodes finished, over the {e.num_shards} shard(s) in " \
-            f"{out_dir}" + (f"; {left_out} of other settings or weights left out" if left_out else "")
+        files = sorted(out_dir.glob("results_shard*.jsonl"))  # any shard count's too
+        merged = [r for r in read_results(*files, setup=setup) if episode_key(r) in wanted]  # not those of a shard
+        table, summary = results_table(merged)  # started with other settings
+        left_out = len({episode_key(r) for r in read_results(*files)} & wanted - {episode_key(r) for r in merged})
+        status = f"{len(merged)} of {len(all_episodes)} episodes finished, over the shards in {out_dir}" + (
+            f"; {left_out} of other settings or weights left out" if left_out else "")
         notes = [f"**Incomplete: {status}**"] * (len(merged) < len(all_episodes))  # tables not to publish say so
         notes += [f"**Not LIBERO's standard protocol ({', '.join(subset)}): no suite score to compare**"] * bool(subset)
         table = "\n\n".join([*notes, table])

@@ -205,10 +205,20 @@ def test_eval_takes_the_checkpoints_eval_settings_but_not_its_machines_paths(tra
     ckpt = tmp_path / "final"  # trained on a machine whose LIBERO assets lie at /cluster/libero/assets
     shutil.copytree(trained_run[0] / "final", ckpt)
     run = json.loads((ckpt / tinyvla.RUN_CONFIG).read_text())
-    run["eval"].update(libero_assets="/cluster/libero/assets", ensemble_window=5)
+    run["eval"].update(libero_assets="/cluster/libero/assets", ensemble_window=5, serve_max_batch=256)
     (ckpt / tinyvla.RUN_CONFIG).write_text(json.dumps(run))
     e = tinyvla.parse_args(["--eval", str(ckpt)])[2]
-    assert (e.ensemble_window, e.libero_assets) == (5, "")
+    assert (e.ensemble_window, e.libero_assets, e.serve_max_batch) == (5, "", 64)
+
+
+def test_results_of_this_setup_count_even_where_another_setups_came_first(tmp_path):
+    """Evals of two settings started together into one dir (neither refused it): each counts its own episodes."""
+    rows = [{"suite": "libero_object", "task_id": 0, "episode": 0, "setup": {"ensemble_window": w}} for w in (1, 8)]
+    for name, row in zip(("results_shard0of1.jsonl", "results_shard0of2.jsonl"), rows):
+        (tmp_path / name).write_text(json.dumps(row) + "\n")
+    files = sorted(tmp_path.glob("results_shard*.jsonl"))
+    assert tinyvla.read_results(*files) == rows[:1]  # the first file's counts
+    assert tinyvla.read_results(*files, setup={"ensemble_window": 8}) == rows[1:]
 
 
 def test_action_horizon_longer_than_the_chunks_is_one_line(trained_run, tmp_path):
