@@ -211,11 +211,11 @@ def parse_args(argv=None):
     ckpt = eargs.eval or eargs.serve
     if ckpt and (saved := local_dir(ckpt, "model") / RUN_CONFIG).exists():  # its eval settings are the defaults now
         run, adapter = json.loads(saved.read_text()), saved.with_name("adapter_config.json")
+        lora_base = {"model_id": json.loads(adapter.read_text())["base_model_name_or_path"]} if adapter.exists() else {}
         parser.set_defaults(**{k: v for k, v in run["eval"].items() if k in {
             f.name for f in fields(EvalArgs)} - {"eval", "eval_dir", "shard_id", "num_shards", "serve", "api_key",
                                                  "libero_assets", "serve_max_batch"}},  # the training machine's
-                            dtype=run["model"]["dtype"], **{"model_id": json.loads(adapter.read_text())[
-                                "base_model_name_or_path"]} if adapter.exists() else {})  # LoRA: the base it names
+                            dtype=run["model"]["dtype"], **lora_base)
         margs, dargs, eargs, targs = parse()  # the yaml's values are set as defaults again: over the checkpoint's
     for name, valid in {"per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",  # TRL's
                         "gradient_accumulation_steps": "[1, inf)", "dataloader_num_workers": "[0, inf)",
@@ -1111,8 +1111,9 @@ def evaluate_libero(ckpt, e, policy):
         "libero_eval", ckpt.replace("/", "--"))))  # a hub id: ./libero_eval/owner--name
     setup = {**{k: getattr(e, k) for k in EVAL_SETUP}, "weights": weights_id(policy.model_dir),  # in every result
              "dtype": policy.m.dtype}
-    other = next((r.get("setup", {}) for r in read_results(*out_dir.glob("results_shard*.jsonl")) if r.get("setup")
-                  != setup), None)  # results of other settings or weights must not pass for this eval's
+    found = read_results(*out_dir.glob("results_shard*.jsonl"))  # every shard count's
+    other = next((r.get("setup", {}) for r in found if r.get("setup") != setup), None)  # results of other settings
+    # or weights must not pass for this eval's
     if other is not None:
         changed = ", ".join(f"{k} {other.get(k, '?')} (now {v})" for k, v in setup.items() if other.get(k) != v)
         raise TinyVLAError(f"{out_dir} holds results of other settings or weights ({changed}): choose another "
@@ -1122,8 +1123,8 @@ def evaluate_libero(ckpt, e, policy):
                      f"another eval is writing {results_file}: wait for it, or use another --eval_dir")
     results = read_results(results_file)  # from an earlier run of this shard: skipped now
     write_whole(results_file, "".join(json.dumps(r) + "\n" for r in results))  # duplicates, a torn line gone
-    finished = {episode_key(r) for r in read_results(*out_dir.glob("results_shard*.jsonl"), setup=setup)}  # this
-    # shard's, and those of a run of another shard count (a resume on more GPUs, say)
+    finished = {episode_key(r) for r in found}  # of this setup (else refused above): this shard's, and those of a
+    # run of another shard count (a resume on more GPUs, say)
     pending = deque(ep for ep in all_episodes[e.shard_id::e.num_shards] if episode_key(ep) not in finished)
     ctx, todo, cameras = mp.get_context("spawn"), len(pending), len(policy.d.image_keys)  # one camera: agent view
     procs, episode, last = {}, {}, {}  # per simulator's pipe: its process, its episode, that episode's last chunk
